@@ -1,0 +1,127 @@
+"""K-fold splits over tiles: spatially grouped and stratified on rare classes.
+
+Tiles with grid ids ``row_col`` are grouped in ``block x block`` cells of the scene grid,
+so neighbours in one cell never straddle train and validation. Groups are then dealt to
+folds greedily, rarest-class-heaviest first, each to the fold that holds least of that
+class so far (ties: fewest tiles, then a seeded shuffle). Tiles without a grid id form
+their own group.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+_GRID = re.compile(r"^(\d+)_(\d+)$")
+
+
+def grid_position(key: str):
+    m = _GRID.match(key)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def spatial_groups(keys: Sequence[str], block: int) -> Dict[str, str]:
+    """Tile key -> group id (``g{row//block}_{col//block}`` or the key itself)."""
+    if block < 1:
+        raise ValueError(f"block size must be >= 1, got {block}")
+    out = {}
+    for k in keys:
+        pos = grid_position(k)
+        out[k] = f"g{pos[0] // block}_{pos[1] // block}" if pos else f"t{k}"
+    return out
+
+
+def make_folds(
+    class_pixels: Mapping[str, Sequence[int]],
+    k: int = 5,
+    seed: int = 0,
+    block: int = 2,
+    class_names: Optional[Sequence[str]] = None,
+) -> Dict:
+    """Build the folds.json structure from per-tile class pixel counts."""
+    keys = sorted(class_pixels)
+    if k < 2:
+        raise ValueError(f"k must be at least 2, got {k}")
+    groups = spatial_groups(keys, block)
+    gids = sorted(set(groups.values()))
+    if len(gids) < k:
+        raise ValueError(
+            f"only {len(gids)} spatial groups for k={k} folds (block={block}); use a smaller --block or --k"
+        )
+    counts = np.array([class_pixels[key] for key in keys], dtype=np.float64)
+    n_cls = counts.shape[1]
+    gcount = {g: np.zeros(n_cls) for g in gids}
+    gtiles: Dict[str, List[str]] = {g: [] for g in gids}
+    for key, row in zip(keys, counts):
+        gcount[groups[key]] += row
+        gtiles[groups[key]].append(key)
+    # Rarity weight: classes with fewer pixels overall count more.
+    total = counts.sum(axis=0)
+    weight = np.where(total > 0, 1.0 / np.maximum(total, 1.0), 0.0)
+    rng = np.random.default_rng(seed)
+    order = list(gids)
+    rng.shuffle(order)
+    # rarest class present in each group decides its priority
+    def priority(g):
+        present = np.nonzero(gcount[g] > 0)[0]
+        rarest = max(present, key=lambda c: weight[c]) if present.size else 0
+        return (-weight[rarest] * (gcount[g][rarest] > 0), -len(gtiles[g]))
+    order.sort(key=priority)
+    fold_counts = np.zeros((k, n_cls))
+    fold_tiles = [[] for _ in range(k)]
+    tie = rng.permutation(k)
+    for g in order:
+        present = np.nonzero(gcount[g] > 0)[0]
+        rarest = max(present, key=lambda c: weight[c]) if present.size else None
+        def cost(f):
+            rare = fold_counts[f][rarest] * weight[rarest] if rarest is not None else 0.0
+            return (len(fold_tiles[f]) + len(gtiles[g]) > int(np.ceil(len(keys) / k)) + 1,
+                    rare, len(fold_tiles[f]), tie[f])
+        best = min(range(k), key=cost)
+        fold_counts[best] += gcount[g]
+        fold_tiles[best].extend(gtiles[g])
+    folds = []
+    for f in range(k):
+        val = sorted(fold_tiles[f])
+        folds.append({
+            "fold": f,
+            "val": val,
+            "train": sorted(t for t in keys if t not in set(val)),
+            "val_class_pixels": [int(v) for v in fold_counts[f]],
+        })
+    return {
+        "k": k,
+        "seed": seed,
+        "block": block,
+        "class_names": list(class_names) if class_names else None,
+        "groups": groups,
+        "folds": folds,
+    }
+
+
+def save_folds(folds: Dict, path: str) -> None:
+    from solution.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(folds, indent=2) + "\n").encode())
+
+
+def load_folds(path: str) -> Dict:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"folds file {path} not found; create it with `glacier-train folds DATA`") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); recreate it with `glacier-train folds DATA`") from exc
+    if "folds" not in data or not isinstance(data["folds"], list):
+        raise ValueError(f"{path} has no 'folds' list; recreate it with `glacier-train folds DATA`")
+    return data
+
+
+def fold_split(folds: Dict, fold: int):
+    for f in folds["folds"]:
+        if f["fold"] == fold:
+            return list(f["train"]), list(f["val"])
+    raise ValueError(f"fold {fold} not in folds file (has {[f['fold'] for f in folds['folds']]})")
