@@ -1,0 +1,105 @@
+"""Execution backends: a runner maps a normalised (N, C, H, W) float32 tensor to logits.
+
+* ``TorchRunner``: pure-torch model; BatchNorm folded into the preceding convolution,
+  channels_last memory format on the CPU, fp16 autocast on CUDA.
+* ``OnnxRunner``: onnxruntime session from the exported graph (CUDA provider when
+  available, CPU otherwise). Imported only on this path.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("glacier.runtime")
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold eval-mode BatchNorm into the convolution before it (convN/bnN pairs and
+    Sequential(conv, bn, ...)); the output is unchanged up to float rounding."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules.items())
+            for (na, a), (nb, b) in zip(children, children[1:]):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    module._modules[na] = fuse_conv_bn_eval(a, b)
+                    module._modules[nb] = nn.Identity()
+        for i in range(1, 4):
+            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                setattr(module, f"bn{i}", nn.Identity())
+    return model
+
+
+class TorchRunner:
+    def __init__(self, model: nn.Module, device: Optional[str] = None, fold_bn: bool = True,
+                 channels_last: Optional[bool] = None, fp16: Optional[bool] = None):
+        self.device = pick_device(device)
+        model = model.eval()
+        if fold_bn:
+            model = fold_batchnorm(model)
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
+        self.fp16 = (self.device.type == "cuda") if fp16 is None else fp16
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.fp16 and self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float()
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class OnnxRunner:
+    def __init__(self, model_bytes: bytes, device: Optional[str] = None, threads: int = 0):
+        import onnxruntime as ort
+
+        dev = pick_device(device)
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if dev.type == "cuda" and "CUDAExecutionProvider" in available:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_type = self.session.get_inputs()[0].type
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().cpu().numpy()
+        arr = arr.astype(np.float16 if "float16" in self.input_type else np.float32)
+        out = self.session.run(None, {self.input_name: arr})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
