@@ -4,7 +4,7 @@ import os
 from click.testing import CliRunner
 
 from tests.conftest import make_tile
-from training.cli import main
+from training.cli import cli as main, expand_multi
 
 
 def test_synth_inspect_folds(tmp_path):
@@ -33,3 +33,9 @@ def test_inspect_reports_problems_and_fails_on_errors(tmp_path):
 def test_folds_bad_data_is_clean_error(tmp_path):
     res = CliRunner().invoke(main, ["folds", str(tmp_path)])
     assert res.exit_code != 0 and "Band1" in res.output and "Traceback" not in res.output
+
+
+def test_seeds_space_separated():
+    assert expand_multi(["cv", "--seeds", "0", "1", "2", "--out", "w"]) == \
+        ["cv", "--seeds", "0", "--seeds", "1", "--seeds", "2", "--out", "w"]
+    assert expand_multi(["--seeds", "3"]) == ["--seeds", "3"]

@@ -18,12 +18,12 @@ def _setup_logging(verbose: bool) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+def cli(verbose: bool) -> None:
     """Train glacier segmentation models on 5-band tiles (competition layout)."""
     _setup_logging(verbose)
 
 
-@main.command()
+@cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write train/ (and unseen/) into.")
 @click.option("--tiles", default=25, show_default=True, type=click.IntRange(1, 10_000), help="Number of training tiles (a scene grid cut into row_col tiles).")
 @click.option("--size", nargs=2, type=click.IntRange(32, 8192), default=(512, 512), show_default=True, help="Tile height and width in pixels.")
@@ -51,7 +51,7 @@ LABEL_MODE = click.option("--label-mode", type=click.Choice(["multiclass", "bina
                           help="multiclass: labels {0,85,170,255}; binary: the earlier phase's {0,1} or {0,255}.")
 
 
-@main.command()
+@cli.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @LABEL_MODE
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the inspection as JSON.")
@@ -70,7 +70,7 @@ def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
         sys.exit(1)
 
 
-@main.command()
+@cli.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--k", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of folds.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for tie-breaking; same seed, same folds.")
@@ -100,11 +100,36 @@ def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -
 try:  # pragma: no cover - import guard for environments without the training extra
     from training.cv import cv_command, pretrain_command  # noqa: E402
 
-    main.add_command(cv_command)
+    cli.add_command(cv_command)
     if pretrain_command is not None:
-        main.add_command(pretrain_command)
+        cli.add_command(pretrain_command)
 except ImportError as _exc:  # noqa: F841
     pass
+
+
+MULTI_VALUE_OPTIONS = ("--seeds",)
+
+
+def expand_multi(argv, names=MULTI_VALUE_OPTIONS):
+    """Let ``--seeds 0 1 2`` mean ``--seeds 0 --seeds 1 --seeds 2``."""
+    out, current = [], None
+    for a in argv:
+        if a in names:
+            current = a
+            out.append(a)
+            continue
+        if current and not a.startswith("-") and out and out[-1] != current:
+            out += [current, a]
+            continue
+        if a.startswith("-"):
+            current = None
+        out.append(a)
+    return out
+
+
+def main(argv=None) -> None:
+    """Console entry point."""
+    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv)), prog_name="glacier-train")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""End-to-end CV on tiny synthetic data: outputs, skip-finished, kill-and-resume, DDP (gloo)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import REQUIRED, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--set", "train.epochs=3", "--set", "train.patches_per_epoch=8", "--set", "train.batch_size=4",
+        "--set", "train.patch_size=64", "--set", "model.decoder_channels=[16,16,16,8,8]",
+        "--set", "train.warmup_epochs=0", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cmd(data, folds, out, *extra):
+    return [sys.executable, "-m", "training.cli", "cv", "--config", os.path.join(ROOT, "configs", "quickstart.yaml"),
+            "--data", data, "--folds", folds, "--out", out, "--fold", "0", "--device", "cpu", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def folds_file(synth_data, tmp_path_factory):
+    from training.data.competition import CompetitionDataset
+    from training.folds import make_folds, save_folds
+
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    f = make_folds({k: ds.class_pixels(k).tolist() for k in ds.keys}, k=3, block=1)
+    path = str(tmp_path_factory.mktemp("folds") / "folds.json")
+    save_folds(f, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth_data, folds_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cv_a"))
+    r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_cv_outputs(uninterrupted, folds_file):
+    out, stdout = uninterrupted
+    ck = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
+    assert all(k in ck for k in REQUIRED)
+    folds = json.load(open(folds_file))
+    assert ck["train_tiles"] == folds["folds"][0]["train"] and ck["val_tiles"] == folds["folds"][0]["val"]
+    assert len(ck["history"]) == 3 and "val_mcc" in ck["history"][-1]
+    assert ck["stats"]["bands"] == ["B2", "B3", "B4", "B6", "B10"] and len(ck["stats"]["mean"]) == 5
+    assert ck["class_map"]["values"] == [0, 85, 170, 255]
+    assert "optimizer" not in ck  # members are lean; optimiser state lives only in last.pt
+    summary = json.load(open(os.path.join(out, "cv_summary.json")))
+    assert summary["members"][0]["fold"] == 0 and summary["oof_mcc"] is not None
+    for key in ck["val_tiles"]:
+        arr = np.load(os.path.join(out, "oof", "fold0_seed0", f"{key}.npy"))
+        assert arr.dtype == np.float16 and arr.shape[0] == 4
+    assert os.path.exists(os.path.join(out, "logs", "fold0_seed0.csv"))
+    assert not os.path.exists(os.path.join(out, ".work", "fold0_seed0", "last.pt"))
+    assert "val MCC" in stdout
+
+
+def test_finished_members_are_skipped(uninterrupted, synth_data, folds_file):
+    out, _ = uninterrupted
+    before = os.path.getmtime(os.path.join(out, "fold0_seed0.pt"))
+    r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out), env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "skipped" in r.stdout
+    assert os.path.getmtime(os.path.join(out, "fold0_seed0.pt")) == before
+
+
+def test_sigkill_and_resume_matches_uninterrupted(uninterrupted, synth_data, folds_file, tmp_path):
+    ref_out, _ = uninterrupted
+    out = str(tmp_path / "cv_b")
+    cmd = _cmd(os.path.join(synth_data, "train"), folds_file, out)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, ".work", "fold0_seed0", "last.pt")
+    deadline = time.time() + 240
+    while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(out, "fold0_seed0.pt"))
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming after epoch" in r.stderr
+    a = load_checkpoint(os.path.join(ref_out, "fold0_seed0.pt"))
+    b = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
+    assert [h["val_mcc"] for h in a["history"]] == [h["val_mcc"] for h in b["history"]]
+    assert [h["loss_total"] for h in a["history"]] == [h["loss_total"] for h in b["history"]]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_ddp_two_gloo_processes(synth_data, folds_file, tmp_path):
+    out = str(tmp_path / "cv_ddp")
+    r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out, "--gpus", "2"),
+                       env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "torch.distributed.run" in r.stdout
+    ck = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
+    assert len(ck["history"]) == 3
+    # each rank trained on half the patches: 8 patches / 2 ranks / batch 4 = 1 step per epoch
+    assert os.listdir(os.path.join(out, "oof", "fold0_seed0"))
+
+
+def test_cv_bad_folds_file(synth_data, tmp_path):
+    bad = tmp_path / "f.json"
+    bad.write_text(json.dumps({"folds": [{"fold": 0, "train": ["99_99"], "val": ["00_00"]}]}))
+    r = subprocess.run(_cmd(os.path.join(synth_data, "train"), str(bad), str(tmp_path / "o")), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "99_99" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,66 @@
+"""Self-describing checkpoints, written atomically (temp file + rename).
+
+A member checkpoint carries everything needed to use it without its config: format,
+architecture spec, state dict, sensor and band names, normalisation statistics (from the
+fold's training tiles only), class map, fold, seed, training and validation tile ids,
+metric history, best validation MCC, config and code version.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict
+
+import torch
+
+FORMAT = "glacier-checkpoint/1"
+REQUIRED = ("format", "spec", "state_dict", "bands", "stats", "class_map", "fold", "seed", "train_tiles")
+
+
+def code_version() -> str:
+    from solution import __version__
+
+    try:
+        import subprocess
+
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def save_atomic(obj: Dict[str, Any], path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def load_checkpoint(path: str, full: bool = False) -> Dict[str, Any]:
+    """Load and check a member checkpoint; errors name the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=not full)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load {path}: {exc}. Is it a complete glacier checkpoint?") from exc
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a glacier member checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck)}); "
+            "use the fold{k}_seed{s}.pt files written by `glacier-train cv`")
+    missing = [k for k in REQUIRED if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}; re-run training to rewrite it")
+    return ck

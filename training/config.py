@@ -1,0 +1,169 @@
+"""Training configuration: YAML validated on load (unknown keys, wrong types and
+impossible values are errors naming the key and the file)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from training import bands as band_registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    sensor: str = "L8"
+    bands: List[str] = Field(default_factory=lambda: list(band_registry.COMPETITION_BANDS))
+    label_mode: Literal["multiclass", "binary"] = "multiclass"
+    stats_percentiles: List[float] = Field(default_factory=lambda: [0.5, 99.5])
+    cache_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        band_registry.select(self.sensor, self.bands)  # unknown/duplicate names raise
+        lo, hi = self.stats_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"stats_percentiles must satisfy 0 <= lo < hi <= 100, got {self.stats_percentiles}")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = "Unet"
+    encoder: str = "resnet34"
+    decoder_channels: List[int] = Field(default_factory=lambda: [256, 128, 64, 32, 16])
+    decoder_attention_type: Optional[Literal["scse"]] = None
+    encoder_weights: Optional[str] = None  # a local file; nothing downloads at run time
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _five(cls, v):
+        if len(v) != 5 or any(c < 1 for c in v):
+            raise ValueError(f"decoder_channels needs 5 positive ints, got {v}")
+        return v
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    accumulate: int = Field(1, ge=1)
+    patch_size: int = Field(256, ge=32)
+    patches_per_epoch: int = Field(512, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    warmup_epochs: int = Field(5, ge=0)
+    plateau_patience: int = Field(10, ge=1)
+    amp: bool = True
+    grad_clip: float = Field(1.0, ge=0)
+    early_stopping: int = Field(30, ge=0)  # epochs without val MCC gain; 0 = off
+    ema: float = Field(0.0, ge=0, lt=1)     # EMA decay; 0 = off
+    num_workers: int = Field(4, ge=0)
+    val_every: int = Field(1, ge=1)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _stride(cls, v):
+        if v % 32:
+            raise ValueError(f"patch_size must be a multiple of 32 (the network stride), got {v}")
+        return v
+
+
+class LossConfig(_Strict):
+    focal: float = Field(0.25, ge=0)
+    dice: float = Field(0.25, ge=0)
+    mcc: float = Field(0.35, ge=0)
+    boundary: float = Field(0.15, ge=0)
+    boundary_ramp_epochs: int = Field(30, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    class_weights: Union[Literal["auto", "none"], List[float]] = "auto"
+
+    @model_validator(mode="after")
+    def _any(self):
+        if self.focal + self.dice + self.mcc + self.boundary <= 0:
+            raise ValueError("at least one loss weight must be positive")
+        return self
+
+
+class SamplerConfig(_Strict):
+    targets: Dict[str, float] = Field(
+        default_factory=lambda: {"background": 0.10, "glacier": 0.35, "debris": 0.40, "lake": 0.15})
+    jitter: float = Field(0.4, ge=0, le=1)  # centre offset as a share of the patch
+
+    @field_validator("targets")
+    @classmethod
+    def _pos(cls, v):
+        if any(x < 0 for x in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"sampler targets must be >= 0 and not all zero, got {v}")
+        return v
+
+
+class AugmentConfig(_Strict):
+    d4: bool = True
+    scale: float = Field(0.1, ge=0, lt=1)
+    rotate: float = Field(15.0, ge=0, le=180)
+    affine_p: float = Field(0.5, ge=0, le=1)
+    band_gain: float = Field(0.1, ge=0, lt=1)   # per-band brightness +-
+    band_bias: float = Field(0.1, ge=0)         # per-band offset +- (normalised units)
+    band_p: float = Field(0.5, ge=0, le=1)
+    noise_std: float = Field(0.03, ge=0)
+    noise_p: float = Field(0.3, ge=0, le=1)
+
+
+class ValidationConfig(_Strict):
+    tta: Union[str, List[str]] = "none"
+    window: int = Field(1024, ge=32)
+
+
+class Config(_Strict):
+    name: str = "run"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    init_from: Optional[str] = None
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _loc(err) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def load_config(path: str, overrides: Optional[Dict] = None) -> Config:
+    """Load and validate a YAML config; errors name the key and the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found (see configs/ for examples)")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid config"]
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            lines.append(f"  {_loc(err)}: {msg} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+    except band_registry.BandMappingError as exc:
+        raise ConfigError(f"{path}: data.bands: {exc}") from None

@@ -1,0 +1,50 @@
+"""Torch dataset of sampled, augmented patches from normalised tiles (in memory)."""
+from __future__ import annotations
+
+from typing import List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.losses import signed_distance_maps
+
+
+class PatchDataset(Dataset):
+    """Items: (image (C,P,P) float32, mask (P,P) int64, dist (K,P,P) float32 or empty).
+
+    Augmentation is seeded per (seed, epoch, index), so a patch is the same whichever
+    worker draws it, and a resumed epoch replays exactly.
+    """
+
+    def __init__(self, images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                 patches: List[Tuple[str, int, int, int]], patch: int, n_classes: int,
+                 augment=None, boundary: bool = False, seed: int = 0, epoch: int = 0):
+        self.images, self.labels, self.patches = images, labels, patches
+        self.patch, self.n_classes = patch, n_classes
+        self.augment, self.boundary = augment, boundary
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int):
+        key, y0, x0, _ = self.patches[i]
+        img = self.images[key]
+        lab = self.labels[key]
+        p = self.patch
+        x = img[:, y0:y0 + p, x0:x0 + p]
+        y = lab[y0:y0 + p, x0:x0 + p]
+        if x.shape[1] < p or x.shape[2] < p:  # tile smaller than a patch: reflect-pad
+            ph, pw = p - x.shape[1], p - x.shape[2]
+            x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="reflect" if min(x.shape[1:]) > 1 else "edge")
+            y = np.pad(y, ((0, ph), (0, pw)), mode="reflect" if min(y.shape) > 1 else "edge")
+        x = np.ascontiguousarray(x.transpose(1, 2, 0))
+        y = np.ascontiguousarray(y)
+        if self.augment is not None:
+            self.augment.set_random_seed(int((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31)))
+            out = self.augment(image=x, mask=y)
+            x, y = out["image"], out["mask"]
+        dist = signed_distance_maps(y, self.n_classes) if self.boundary else np.zeros(0, np.float32)
+        return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)),
+                torch.from_numpy(y.astype(np.int64)), torch.from_numpy(dist))
