@@ -1,17 +1,190 @@
 """``glacier-submit``: predict with members, export ONNX, build and evaluate bundles."""
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import os
+import sys
+from typing import List, Optional
 
 import click
 
 
+def _floats(text: Optional[str], name: str) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{name} expects numbers like 0.75,1,1.25 (got {text!r})") from exc
+
+
+def _tta(text: str):
+    from solution.tta import PRESETS, resolve_views
+
+    value = text if text in PRESETS else [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        resolve_views(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+def _expand(models) -> List[str]:
+    out: List[str] = []
+    for m in models:
+        hits = sorted(glob.glob(m)) if any(c in m for c in "*?[") else [m]
+        out += hits
+    paths = [p for p in out if p.endswith(".pt")]
+    if not paths:
+        raise click.BadParameter(f"no .pt member checkpoints among {list(models)} (e.g. --models weights/fold*_seed*.pt)")
+    return paths
+
+
+TTA_HELP = "TTA views: none | flips | d4, or a comma list of identity,rot90,rot180,rot270,hflip,hflip_rot90,vflip,hflip_rot270."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+def cli(verbose: bool) -> None:
     """Turn trained checkpoints into a platform-proof competition submission."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--models", multiple=True, required=True, help="Member checkpoints (globs allowed), e.g. 'weights/*.pt'.")
+@click.option("--out", default="submission", show_default=True, type=click.Path(file_okay=False), help="Bundle folder.")
+@click.option("--tta", default="none", show_default=True, help=TTA_HELP)
+@click.option("--scales", default="1", show_default=True, help="Comma list of test scales, e.g. 0.75,1,1.25.")
+@click.option("--merge", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True, help="Ensemble merge: mean, or weighted by validation MCC (or --weights).")
+@click.option("--weights", default=None, help="Comma list of member weights (implies --merge weighted).")
+@click.option("--postprocess", default="none", show_default=True, help="Preset in configs/postprocess (none, light, competition) or a YAML path.")
+@click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members), none, or comma list per class.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb.")
+@click.option("--max-mb", default=300.0, show_default=True, type=float, help="Size budget for the uploaded files.")
+@click.option("--time-budget", default=None, type=float, help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> none).")
+@click.option("--test-tiles", default=100, show_default=True, type=int, help="Number of test tiles for the total time estimate.")
+@click.option("--check-data", type=click.Path(exists=True, file_okay=False), help="Take the timing check tile from this folder (default: a synthetic 512x512 tile).")
+@click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
+def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, precision, max_mb, time_budget,
+          test_tiles, check_data, single_file, device):
+    """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
+    from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
+    from training.checkpoint import CheckpointError
+
+    b = bias if bias in ("auto", "none") else _floats(bias, "--bias")
+    try:
+        m = do_build(_expand(models), out, tta=_tta(tta), scales=_floats(scales, "--scales"), merge=merge,
+                     weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
+                     max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
+                     check_data=check_data, single_file=single_file, device=device)
+    except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render_manifest(m))
+    click.echo(f"\nwrote {out}/solution.py, model.pth, manifest.json, submission.zip")
+
+
+@cli.command()
+@click.option("--models", multiple=True, required=True, help="Member checkpoints (globs allowed).")
+@click.option("--out", default="onnx", show_default=True, type=click.Path(file_okay=False), help="Folder for NAME.onnx files.")
+@click.option("--fp16", is_flag=True, help="Also write NAME.fp16.onnx and report its class agreement.")
+def export(models, out, fp16):
+    """Export members to ONNX (opset 17, dynamic batch/height/width) with a parity check."""
+    from glacier_submit.export import ExportError, export_member
+    from glacier_submit.members import load_members
+
+    os.makedirs(out, exist_ok=True)
+    for e in load_members(_expand(models)):
+        try:
+            res = export_member(e)
+        except ExportError as exc:
+            raise click.ClickException(str(exc)) from exc
+        with open(os.path.join(out, f"{e['name']}.onnx"), "wb") as fh:
+            fh.write(res["onnx"])
+        line = f"{e['name']}: max |torch - onnx| {res['parity']['max_abs_diff']:.2e}"
+        if fp16:
+            r16 = export_member(e, fp16=True)
+            with open(os.path.join(out, f"{e['name']}.fp16.onnx"), "wb") as fh:
+                fh.write(r16["onnx"])
+            line += f"; fp16 class agreement {r16['parity_fp16']['class_agreement'] * 100:.3f} %"
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--models", multiple=True, help="Member checkpoints (globs allowed).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="A built bundle folder instead of --models.")
+@click.option("--input", "input_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Folder with Band1..Band5.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for masks (named as the Band1 files).")
+@click.option("--tta", default=None, help=TTA_HELP + " Default: the bundle's, or none.")
+@click.option("--scales", default=None, help="Comma list of test scales.")
+@click.option("--merge", type=click.Choice(["mean", "weighted"]), default=None, help="Ensemble merge rule.")
+@click.option("--postprocess", default=None, help="Post-processing preset or YAML path.")
+@click.option("--bias", default=None, help="none or a comma list per class.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, bias, backend, device):
+    """Predict masks with members or a bundle (the same runtime the bundle ships)."""
+    from glacier_submit.bundle import load_postprocess
+    from glacier_submit.members import load_members, make_payload
+    from solution.platform import predict_folder
+    from solution.predictor import Predictor, load_payload
+
+    if bool(models) == bool(bundle):
+        raise click.UsageError("give either --models or --bundle")
+    overrides = {}
+    if tta is not None:
+        overrides["tta"] = _tta(tta)
+    if scales is not None:
+        overrides["scales"] = _floats(scales, "--scales")
+    if merge is not None:
+        overrides["merge"] = merge
+    if postprocess is not None:
+        overrides["postprocess"] = load_postprocess(postprocess)
+    if bias is not None:
+        overrides["bias"] = None if bias == "none" else _floats(bias, "--bias")
+    if bundle:
+        payload = load_payload(os.path.join(bundle, "model.pth"))
+    else:
+        payload = make_payload(load_members(_expand(models)), {})
+    dev = None if device == "auto" else device
+    pred = Predictor.from_payload(payload, device=dev, backend=backend, overrides=overrides)
+    res = predict_folder(pred, input_dir, output, progress=True)
+    click.echo(f"wrote {len(res)} masks to {output}")
+
+
+@cli.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="Built bundle folder.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Competition-layout folder (labels optional).")
+@click.option("--fold", type=int, default=None, help="Evaluate this fold's validation tiles (needs --folds).")
+@click.option("--folds", type=click.Path(exists=True, dir_okay=False), help="folds.json.")
+@click.option("--tiles", multiple=True, help="Evaluate only these tile ids (repeatable).")
+@click.option("--convention", type=click.Choice(["imagepath", "data-dict", "import-call"]), default="imagepath", show_default=True, help="How the platform calls the bundle.")
+@click.option("--timeout", type=float, default=None, help="Kill the bundle after this many seconds.")
+@click.option("--allow-leak", is_flag=True, help="Evaluate even if members trained on these tiles (report stamped LEAKY).")
+@click.option("--compare", is_flag=True, help="Ablations: TTA sets, single member vs ensemble, each post-processing rule, bias.")
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--python", "python_exe", default=None, help="Interpreter for the bundle (e.g. .venv39/bin/python for the platform's Python 3.9 + torch 2.0).")
+@click.option("--label-mode", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True)
+def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, compare, out, python_exe, label_mode):
+    """Run the bundle as the platform does on held-out tiles, score it and write a report."""
+    from glacier_submit.evaluate import EvaluateError, evaluate as do_eval, render_report
+    from training.data.competition import DataError
+
+    try:
+        r = do_eval(bundle, data, out, fold, folds, list(tiles) or None, convention, timeout, allow_leak, compare,
+                    python_exe, label_mode)
+    except (EvaluateError, DataError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render_report(r))
+    click.echo(f"\nreport: {os.path.join(out, 'report.md')} (and report.html, report.json, figures/)")
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="glacier-submit")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ log = logging.getLogger("glacier.runtime")
 
 #: Folder of the rendered solution.py; the bundle sets it at import time.
 BUNDLE_DIR: Optional[str] = None
+#: model.pth bytes embedded in a --single-file bundle (used when no model.pth is found).
+EMBEDDED_MODEL: Optional[bytes] = None
 MODEL_FILE = "model.pth"
 _PREDICTORS: Dict[str, Any] = {}
 
@@ -50,10 +52,20 @@ def default_model_path() -> str:
 def get_predictor(model_path: Optional[str] = None):
     from .predictor import Predictor, load_payload
 
+    device = os.environ.get("GLACIER_DEVICE") or None
+    backend = os.environ.get("GLACIER_BACKEND", "auto")
+    if model_path is None and EMBEDDED_MODEL is not None:
+        try:
+            model_path = default_model_path()
+        except FileNotFoundError:
+            if "<embedded>" not in _PREDICTORS:
+                import io
+
+                _PREDICTORS["<embedded>"] = Predictor.from_payload(
+                    load_payload(io.BytesIO(EMBEDDED_MODEL)), device=device, backend=backend)
+            return _PREDICTORS["<embedded>"]
     path = os.path.abspath(model_path or default_model_path())
     if path not in _PREDICTORS:
-        device = os.environ.get("GLACIER_DEVICE") or None
-        backend = os.environ.get("GLACIER_BACKEND", "auto")
         _PREDICTORS[path] = Predictor.from_payload(load_payload(path), device=device, backend=backend)
     return _PREDICTORS[path]
 
@@ -77,12 +89,12 @@ def _progress(items, total: int):
         return items
 
 
-def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """Predict every tile; returns ``{tile_id: uint8 mask}`` and writes masks if given a folder."""
-    model_path = None
-    if out_dir is not None and os.path.isfile(os.fspath(out_dir)):
-        model_path, out_dir = os.fspath(out_dir), None
-    predictor = get_predictor(model_path)
+def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None,
+                   progress: bool = True) -> Dict[str, np.ndarray]:
+    """Predict every tile of a folder or band dict; one bad tile never aborts the run.
+
+    Returns ``{tile_id: uint8 mask}``; writes masks named as the Band1 files if ``out_dir``.
+    """
     tiles, problems = list_tiles(imagepath, BAND_FOLDERS)
     for p in problems:
         log.warning(p)
@@ -90,7 +102,8 @@ def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str
         os.makedirs(out_dir, exist_ok=True)
     results: Dict[str, np.ndarray] = {}
     start = time.time()
-    for key, paths in _progress(tiles.items(), len(tiles)):
+    items = _progress(tiles.items(), len(tiles)) if progress else tiles.items()
+    for key, paths in items:
         first = paths.get("Band1") or next(iter(paths.values()))
         tid = tile_id(first)
         try:
@@ -108,6 +121,14 @@ def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str
             write_mask(os.path.join(out_dir, os.path.basename(first)), mask)
     log.info("predicted %d tiles in %.1f s", len(results), time.time() - start)
     return results
+
+
+def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Predict every tile; returns ``{tile_id: uint8 mask}`` and writes masks if given a folder."""
+    model_path = None
+    if out_dir is not None and os.path.isfile(os.fspath(out_dir)):
+        model_path, out_dir = os.fspath(out_dir), None
+    return predict_folder(get_predictor(model_path), imagepath, out_dir)
 
 
 def main(argv=None) -> None:

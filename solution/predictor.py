@@ -205,4 +205,6 @@ def load_payload(path: str) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - older files may hold types the safe loader refuses
+        if hasattr(path, "seek"):
+            path.seek(0)
         return torch.load(path, map_location="cpu")

@@ -305,10 +305,13 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
             acc, per_tile, probs = validate(model, val_raw, val_labels, stats, device, cfg, n_classes, keep_probs=True)
             per_class = acc.per_class(dataset.class_names)
             os.makedirs(oof_dir, exist_ok=True)
+            lab_dir = os.path.join(os.path.dirname(oof_dir), "labels")
+            os.makedirs(lab_dir, exist_ok=True)
             for key, p in probs.items():
-                tmp = os.path.join(oof_dir, f".{key}.tmp.npy")
-                np.save(tmp, p)
-                os.replace(tmp, os.path.join(oof_dir, f"{key}.npy"))
+                for folder, arr in ((oof_dir, p), (lab_dir, val_labels[key])):
+                    tmp = os.path.join(folder, f".{key}.tmp.npy")
+                    np.save(tmp, arr)
+                    os.replace(tmp, os.path.join(folder, f"{key}.npy"))
         final = {**best, "history": history, "per_class": per_class, "per_tile_mcc": per_tile,
                  "val_mcc": best.get("best_mcc"), "best_epoch": best.get("epoch"),
                  "epochs_run": len(history), "stopped_early": stopped_early,

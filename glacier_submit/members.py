@@ -1,0 +1,80 @@
+"""Checkpoints -> payload members (the plain-data format stored in model.pth)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+from training.checkpoint import load_checkpoint
+
+PAYLOAD_FORMAT = "glacier-bundle/1"
+
+
+def state_sha(sd: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_members(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """Read member checkpoints into payload entries (fp32 state dicts)."""
+    if not paths:
+        raise ValueError("no member checkpoints given (e.g. --models weights/fold*_seed*.pt)")
+    entries = []
+    for p in paths:
+        ck = load_checkpoint(p)
+        name = os.path.splitext(os.path.basename(p))[0]
+        entries.append({
+            "name": name,
+            "spec": ck["spec"],
+            "state_dict": {k: v.detach().cpu() for k, v in ck["state_dict"].items()},
+            "stats": ck["stats"],
+            "weight": float(ck.get("val_mcc") or 1.0),
+            "onnx": None,
+            "meta": {
+                "fold": ck["fold"], "seed": ck["seed"], "val_mcc": ck.get("val_mcc"),
+                "train_tiles": list(ck["train_tiles"]), "val_tiles": list(ck.get("val_tiles", [])),
+                "bands": list(ck["bands"]), "class_map": ck["class_map"], "source": os.path.abspath(p),
+                "code_version": ck.get("code_version"), "sha": state_sha(ck["state_dict"]),
+            },
+        })
+    first = entries[0]
+    for e in entries[1:]:
+        if e["meta"]["bands"] != first["meta"]["bands"]:
+            raise ValueError(f"members disagree on bands: {first['name']} {first['meta']['bands']} vs "
+                             f"{e['name']} {e['meta']['bands']}")
+        if e["spec"]["classes"] != first["spec"]["classes"]:
+            raise ValueError(f"members disagree on the class count: {first['name']} vs {e['name']}")
+    return entries
+
+
+def make_payload(entries: List[Dict[str, Any]], inference: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "format": PAYLOAD_FORMAT,
+        "members": entries,
+        "inference": inference,
+        "class_map": entries[0]["meta"]["class_map"],
+        "bands": entries[0]["meta"]["bands"],
+    }
+
+
+def cast_payload(payload: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
+    """A copy whose floating-point weights are stored as ``dtype`` (fp16 halves the size)."""
+    out = dict(payload)
+    out["members"] = []
+    for e in payload["members"]:
+        e2 = dict(e)
+        e2["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in e["state_dict"].items()}
+        out["members"].append(e2)
+    return out
+
+
+def payload_for_runtime(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Strip training-only metadata that the bundle does not need (tile lists stay: small)."""
+    out = dict(payload)
+    out["members"] = [{k: v for k, v in e.items()} for e in payload["members"]]
+    return out

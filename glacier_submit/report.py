@@ -1,0 +1,110 @@
+"""Evaluation report: report.md, report.html and PNG figures (matplotlib)."""
+from __future__ import annotations
+
+import html
+import os
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+COLOURS = np.array([[40, 40, 40], [120, 200, 255], [190, 120, 50], [20, 60, 230]], np.uint8)
+
+
+def rgb_composite(img: np.ndarray) -> np.ndarray:
+    rgb = np.stack([img[2], img[1], img[0]], -1).astype(np.float32)
+    rgb = np.nan_to_num(rgb)
+    lo, hi = np.percentile(rgb, [1, 99])
+    return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
+                 manifest: Dict[str, Any], max_tiles: int = 6) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    figs: List[str] = []
+    names = list(ds.class_names)
+    cols = COLOURS[: len(names)]
+    shown = [k for k in keys if k in preds][:max_tiles]
+    if shown:
+        fig, axes = plt.subplots(len(shown), 4, figsize=(12, 3 * len(shown)), squeeze=False)
+        for row, key in zip(axes, shown):
+            truth, pred = ds.label(key), preds[key]
+            err = np.zeros(truth.shape + (3,), np.uint8)
+            err[truth != pred] = [230, 30, 30]
+            err[truth == pred] = [235, 235, 235]
+            for ax, im, title in zip(row, [rgb_composite(ds.image(key)), cols[truth], cols[pred], err],
+                                     ["RGB (B4/B3/B2)", "ground truth", f"prediction (MCC {r['per_tile_mcc'].get(key, float('nan')):.3f})", "errors"]):
+                ax.imshow(im)
+                ax.set_title(f"{key}: {title}", fontsize=9)
+                ax.axis("off")
+        fig.tight_layout()
+        p = os.path.join(fig_dir, "tiles.png")
+        fig.savefig(p, dpi=80)
+        plt.close(fig)
+        figs.append(p)
+    if "confusion" in r:
+        cm = np.asarray(r["confusion"], np.float64)
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{norm[i, j] * 100:.1f}%", ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion (row-normalised), MCC {r['mcc']:.4f}")
+        fig.tight_layout()
+        p = os.path.join(fig_dir, "confusion.png")
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        figs.append(p)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        x = np.arange(len(names))
+        for i, metric in enumerate(("mcc", "iou", "f1")):
+            ax.bar(x + (i - 1) * 0.27, [c[metric] for c in r["per_class"]], 0.27, label=metric.upper())
+        ax.set_xticks(x, names)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        ax.set_title("per-class scores")
+        fig.tight_layout()
+        p = os.path.join(fig_dir, "per_class.png")
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        figs.append(p)
+    _write_md_html(out, r, manifest, figs)
+    return figs
+
+
+def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: List[str]) -> None:
+    from glacier_submit.evaluate import render_report
+
+    rel = [os.path.relpath(f, out) for f in figs]
+    md = ["# Evaluation report", ""]
+    if r.get("leaky"):
+        md += ["**LEAKY EVALUATION**: members trained on evaluated tiles; this score is optimistic.", ""]
+    md += [f"- bundle: `{r['bundle']}` ({len(manifest['members'])} members, TTA {len(manifest['tta'])} views x "
+           f"scales {manifest['scales']})", f"- data: `{r['data']}`, {len(r['tiles'])} tiles, convention `{r['convention']}`",
+           f"- date: {r['date']}", "", "```", render_report(r), "```", ""]
+    if r.get("ablations"):
+        md += ["## Ablations", "", "| variant | MCC | ΔMCC | s/tile | Δs/tile | forward views |", "|---|---|---|---|---|---|"]
+        md += [f"| {v['variant']} | {v['mcc']:.4f} | {v['delta_mcc']:+.4f} | {v['seconds_per_tile']:.2f} | "
+               f"{v['delta_seconds']:+.2f} | {v['views']} |" for v in r["ablations"]]
+        md.append("")
+    md += [f"![{os.path.basename(f)}]({f})" for f in rel]
+    with open(os.path.join(out, "report.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    body = [f"<h1>Evaluation report</h1>"]
+    if r.get("leaky"):
+        body.append("<p style='color:#b00'><b>LEAKY EVALUATION</b>: members trained on evaluated tiles.</p>")
+    body.append("<pre>" + html.escape(render_report(r)) + "</pre>")
+    body += [f"<img src='{html.escape(f)}' style='max-width:100%'>" for f in rel]
+    with open(os.path.join(out, "report.html"), "w") as fh:
+        fh.write("<!doctype html><meta charset='utf-8'><title>glacier evaluation</title>" + "\n".join(body))

@@ -1,0 +1,136 @@
+"""Run a bundle the way the platform runs it: a fresh interpreter, the bundle's own
+working directory, and only the platform's packages importable (smp, scipy, onnx,
+rasterio, albumentations, click, yaml, pydantic and this repository are blocked)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+CONVENTIONS = ("imagepath", "data-dict", "import-call")
+BLOCKED = ("segmentation_models_pytorch", "scipy", "onnx", "rasterio", "albumentations", "click", "yaml",
+           "pydantic", "timm", "training", "glacier_submit", "solution", "sklearn", "matplotlib", "onnxscript")
+
+_HARNESS = r'''
+import importlib.abc, importlib.util, json, os, sys, time
+BLOCKED = set(json.loads(os.environ["GLACIER_SANDBOX_BLOCK"]))
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked in the platform sandbox: " + name)
+        return None
+sys.meta_path.insert(0, _Block())
+# the repository itself must not be importable: drop it (and '') from the path
+repo = os.environ.get("GLACIER_SANDBOX_REPO")
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and (not repo or os.path.abspath(p) != repo)]
+conv, bundle, data, out = sys.argv[1:5]
+sys.argv = [os.path.join(bundle, "solution.py")]
+t0 = time.time()
+if conv == "import-call":
+    spec = importlib.util.spec_from_file_location("solution", os.path.join(bundle, "solution.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["solution"] = mod
+    spec.loader.exec_module(mod)
+    band_dict = {n: os.path.join(data, n) for n in sorted(os.listdir(data)) if os.path.isdir(os.path.join(data, n)) and n.lower().startswith("band")}
+    model = os.path.join(bundle, "model.pth")
+    result = mod.maskgeration(band_dict, model if os.path.exists(model) else None)
+    import numpy as np
+    assert isinstance(result, dict), "maskgeration must return a dict, got %r" % type(result)
+    np.savez_compressed(os.path.join(out, "returned.npz"), **{str(k): v for k, v in result.items()})
+    bad = {str(k): str(getattr(v, "dtype", type(v))) for k, v in result.items() if getattr(v, "dtype", None) != np.uint8}
+    if bad:
+        raise SystemExit("non-uint8 masks returned: %r" % bad)
+else:
+    if conv == "imagepath":
+        sys.argv += ["--imagepath", data, "--output", out]
+    else:
+        sys.argv += ["--data", data, "--masks", os.path.join(data, "label"), "--out", out]
+    import runpy
+    runpy.run_path(os.path.join(bundle, "solution.py"), run_name="__main__")
+print("GLACIER_SANDBOX_SECONDS=%.3f" % (time.time() - t0))
+'''
+
+
+@dataclass
+class RunResult:
+    convention: str
+    returncode: int
+    seconds: float
+    peak_rss_mb: float
+    stdout: str
+    stderr: str
+    out_dir: str
+    timed_out: bool = False
+    masks: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def tail(self, n: int = 2000) -> str:
+        return (self.stderr or self.stdout)[-n:]
+
+
+def _read_masks(out_dir: str, convention: str) -> Dict[str, np.ndarray]:
+    """Masks as the platform would see them, keyed by the platform's tile id."""
+    from solution.io import read_band, tile_id
+
+    masks: Dict[str, np.ndarray] = {}
+    if convention == "import-call":
+        path = os.path.join(out_dir, "returned.npz")
+        if os.path.exists(path):
+            with np.load(path) as z:
+                masks = {k: z[k] for k in z.files}
+        return masks
+    for name in sorted(os.listdir(out_dir)):
+        if name.lower().endswith((".tif", ".tiff")):
+            masks[tile_id(name)] = read_band(os.path.join(out_dir, name))[0]
+    return masks
+
+
+def run_bundle(bundle: str, data: str, convention: str = "imagepath", out_dir: Optional[str] = None,
+               timeout: Optional[float] = None, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+               block: bool = True) -> RunResult:
+    """Run ``bundle/solution.py`` on ``data`` in a subprocess under one platform convention."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention {convention!r} unknown; use one of {CONVENTIONS}")
+    bundle = os.path.abspath(bundle)
+    if not os.path.isfile(os.path.join(bundle, "solution.py")):
+        raise FileNotFoundError(f"{bundle} has no solution.py; build it with `glacier-submit build`")
+    out_dir = os.path.abspath(out_dir or tempfile.mkdtemp(prefix="glacier-run-"))
+    os.makedirs(out_dir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="glacier-cwd-")  # not the bundle, not the repo
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "GLACIER_"))}
+    e.update({"GLACIER_SANDBOX_BLOCK": json.dumps(list(BLOCKED) if block else []),
+              "GLACIER_SANDBOX_REPO": repo, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"})
+    e.update(env or {})
+    cmd = [python or sys.executable, "-c", _HARNESS, convention, bundle, os.path.abspath(data), out_dir]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.time()
+    timed_out = False
+    try:
+        proc = subprocess.run(cmd, cwd=workdir, env=e, capture_output=True, text=True, timeout=timeout)
+        rc, so, se = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        timed_out, rc = True, -9
+        so = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        se = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        se += f"\n[glacier-submit] killed after the {timeout:.0f} s timeout"
+    seconds = time.time() - t0
+    for line in so.splitlines():
+        if line.startswith("GLACIER_SANDBOX_SECONDS="):
+            seconds = float(line.split("=", 1)[1])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    res = RunResult(convention, rc, seconds, max(peak, before) / 1024.0, so, se, out_dir, timed_out)
+    if res.ok:
+        res.masks = _read_masks(out_dir, convention)
+    return res

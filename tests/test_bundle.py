@@ -1,0 +1,161 @@
+"""Bundles: rendered solution.py under all three platform conventions, in a fresh
+interpreter with only the platform's packages importable, against in-process predict."""
+import ast
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from glacier_submit.bundle import BudgetError, build, candidate_settings
+from glacier_submit.members import load_members, make_payload
+from glacier_submit.sandbox import CONVENTIONS, run_bundle
+from solution.platform import predict_folder
+from solution.predictor import Predictor, load_payload
+from tests.conftest import make_member
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_members, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bundle"))
+    m = build(tiny_members, out, tta="flips", scales=[1.0], postprocess="light", bias=[0.0, 0.1, 0.2, 0.3])
+    return out, m
+
+
+def test_bundle_files_and_manifest(bundle):
+    out, m = bundle
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.pth", "solution.py", "submission.zip"]
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert [x["fold"] for x in man["members"]] == [0, 1] and man["members"][0]["train_tiles"] == ["00_00"]
+    assert man["tta"] == ["identity", "hflip", "vflip"] and man["scales"] == [1.0]
+    assert man["class_map"]["values"] == [0, 85, 170, 255]
+    assert man["runtime"]["backend"] == "torch" and man["files"]["model.pth"]["bytes"] > 0
+    assert len(man["files"]["model.pth"]["sha256"]) == 64
+    assert man["timing"]["tile_s"] > 0 and man["timing"]["estimated_total_s"] > 0
+    assert len(man["postprocess"]) == 3 and man["bias"]["values"] == [0.0, 0.1, 0.2, 0.3]
+    with zipfile.ZipFile(os.path.join(out, "submission.zip")) as z:
+        assert sorted(z.namelist()) == ["model.pth", "solution.py"]
+
+
+def test_solution_py_is_py39_and_platform_only(bundle):
+    out, _ = bundle
+    src = open(os.path.join(out, "solution.py")).read()
+    tree = ast.parse(src, feature_version=(3, 9))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert names <= {"importlib", "os", "sys", "base64"}
+    assert "def maskgeration(imagepath, out_dir=None)" in src and "def main()" in src
+    assert all("pip install" not in line for line in src.splitlines()[:15])
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_conventions_match_in_process_predict(bundle, messy_test_data, convention, tmp_path):
+    out, _ = bundle
+    res = run_bundle(out, messy_test_data, convention, str(tmp_path / "masks"), timeout=300)
+    assert res.ok, res.tail()
+    # every tile is returned, the corrupt and band-missing ones as background
+    assert sorted(res.masks) == ["001", "002", "003", "004", "005", "006", "007", "008"]
+    pred = Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu")
+    ref = predict_folder(pred, messy_test_data, str(tmp_path / "ref"), progress=False)
+    for tid, mask in res.masks.items():
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 85, 170, 255}
+        assert np.array_equal(mask, ref[tid]), tid
+    assert res.masks["004"].shape == (37, 41) and res.masks["005"].shape == (32, 40)
+    assert not res.masks["007"].any() and not res.masks["008"].any()
+    if convention != "import-call":
+        written = sorted(os.listdir(tmp_path / "masks"))
+        assert written == [f"img00{i}.tif" for i in range(1, 9)]
+    assert "img007" in res.stderr  # the bad tile gets a log line
+
+
+def test_sandbox_blocks_repo_and_training_packages(bundle, messy_test_data, tmp_path):
+    out, _ = bundle
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "solution.py").write_text("import scipy\n")
+    (evil / "model.pth").write_bytes(b"")
+    res = run_bundle(str(evil), messy_test_data, "imagepath", timeout=120)
+    assert not res.ok and "blocked in the platform sandbox: scipy" in res.stderr
+    (evil / "solution.py").write_text("import training\n")
+    assert "blocked" in run_bundle(str(evil), messy_test_data, "imagepath", timeout=120).stderr
+
+
+def test_model_found_beside_solution_from_other_cwd(bundle, messy_test_data, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out, _ = bundle
+    code = ("import importlib.util,sys; s=importlib.util.spec_from_file_location('solution', sys.argv[1]);"
+            "m=importlib.util.module_from_spec(s); s.loader.exec_module(m);"
+            "r=m.maskgeration(sys.argv[2]); print(len(r))")
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(out, "solution.py"), messy_test_data],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("8")
+
+
+def test_size_budget_fp16_then_refusal(tiny_members, tmp_path):
+    size32 = os.path.getsize(tiny_members[0]) * 2 / 2**20
+    m = build(tiny_members, str(tmp_path / "b16"), max_mb=size32 * 0.8)
+    assert m["runtime"]["precision"] == "fp16" and any("fp16" in n for n in m["notes"])
+    assert m["runtime"]["fp16_agreement"] > 0.99
+    p = load_payload(str(tmp_path / "b16" / "model.pth"))
+    assert p["members"][0]["state_dict"]["encoder.conv1.weight"].dtype == torch.float16
+    with pytest.raises(BudgetError) as exc:
+        build(tiny_members, str(tmp_path / "bx"), max_mb=size32 * 0.3)
+    msg = str(exc.value)
+    assert "fold0_seed0" in msg and "Drop these members" in msg and "fold0_seed0']" in msg  # weakest first
+
+
+def test_time_budget_drops_tta_in_order(tiny_members, tmp_path):
+    assert [c[0] for c in candidate_settings("d4", [0.75, 1.0])] == ["d4", "d4", "flips", "none"]
+    m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1e-6)
+    assert m["tta"] == ["identity"] and m["scales"] == [1.0]
+    assert any("reduced" in n for n in m["notes"]) and any("cheapest" in n for n in m["notes"])
+
+
+def test_single_file_bundle(tiny_members, messy_test_data, tmp_path):
+    out = str(tmp_path / "single")
+    build(tiny_members, out, single_file=True)
+    assert not os.path.exists(os.path.join(out, "model.pth"))
+    res = run_bundle(out, messy_test_data, "imagepath", str(tmp_path / "m"), timeout=300)
+    assert res.ok, res.tail()
+    assert len(res.masks) == 8
+
+
+def test_binary_members_write_binary_masks(tmp_path, messy_test_data):
+    w = make_member(str(tmp_path / "bin.pt"), classes=2)
+    out = str(tmp_path / "b")
+    m = build([w], out)
+    assert m["class_map"]["values"] == [0, 255]
+    res = run_bundle(out, messy_test_data, "import-call", timeout=300)
+    assert res.ok, res.tail()
+    assert all(set(np.unique(v)) <= {0, 255} for v in res.masks.values())
+
+
+def test_members_with_different_bands_refused(tmp_path, tiny_members):
+    bad = make_member(str(tmp_path / "x.pt"))
+    ck = torch.load(bad, weights_only=False)
+    ck["bands"] = ["B2", "B3", "B4", "B5", "B10"]
+    torch.save(ck, bad)
+    with pytest.raises(ValueError, match="disagree on bands"):
+        load_members([tiny_members[0], bad])
+
+
+def test_bias_tuned_from_oof(tmp_path):
+    from training.bias import tune_bias
+
+    rng = np.random.default_rng(0)
+    labels = [rng.choice(4, (40, 40), p=[0.8, 0.15, 0.04, 0.01]) for _ in range(4)]
+    probs = []
+    for lab in labels:  # a model that under-predicts the rare classes
+        p = np.full((4, 40, 40), 0.05, np.float32)
+        p[0] += 0.5
+        for c in (1, 2, 3):
+            p[c][lab == c] += 0.42
+        probs.append(p / p.sum(0))
+    bias, before, after = tune_bias(probs, labels)
+    assert after > before + 0.1 and bias[0] == 0 and bias[3] > 0
