@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--data", default="demo/synth", help="folder holding train/ and unseen/ from glacier-train synth")
     ap.add_argument("--samples", type=int, default=300_000, help="training pixels sampled (class-stratified)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--folds", default=None, help="folds.json: also report the per-fold validation MCC (same folds as CV)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args()
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -62,6 +63,23 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.folds:
+        from training.folds import fold_split, load_folds
+
+        folds = load_folds(args.folds)
+        per_fold = []
+        for f in folds["folds"]:
+            tr, va = fold_split(folds, f["fold"])
+            Xf = np.concatenate([features(train.image(k)) for k in tr])
+            yf = np.concatenate([train.label(k).reshape(-1) for k in tr])
+            sel = rng.choice(len(yf), min(args.samples, len(yf)), replace=False)
+            m = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, random_state=args.seed).fit(Xf[sel], yf[sel])
+            acc = ConfusionAccumulator(4)
+            for k in va:
+                acc.update(train.label(k), m.predict(features(train.image(k))).reshape(train.label(k).shape))
+            per_fold.append(round(acc.mcc, 4))
+        out["fold_mcc"] = per_fold
+        out["mean_fold_mcc"] = round(float(np.mean(per_fold)), 4)
     print(json.dumps({k: v for k, v in out.items() if k != "per_class_unseen"}, indent=2))
     for row in out["per_class_unseen"]:
         print(f"  {row['class']:<11} mcc {row['mcc']:.3f}  iou {row['iou']:.3f}  f1 {row['f1']:.3f}")

@@ -47,7 +47,7 @@ class Member:
 
 
 def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, backend: str = "auto") -> Member:
-    """Build a Member from a payload entry (see ``glacier_submit.bundle`` for the format)."""
+    """Build a Member from a payload entry (format: see docs/BUNDLE.md)."""
     spec = entry["spec"]
     use_onnx = backend == "onnx" or (backend == "auto" and entry.get("onnx") is not None and onnxruntime_available())
     if use_onnx:

@@ -129,3 +129,13 @@ def test_synth_validates_args(tmp_path):
         generate_dataset(str(tmp_path), n_tiles=0)
     with pytest.raises(ValueError, match="size"):
         generate_dataset(str(tmp_path), n_tiles=1, size=(8, 8))
+
+
+def test_stats_ignore_masked_zero_pixels():
+    rng = np.random.default_rng(0)
+    img = rng.normal(270, 3, (2, 50, 50)).astype(np.float32)
+    img[:, :, :5] = 0.0  # a masked gap: zero in every band
+    st = compute_stats([img], ["a", "b"])
+    assert abs(st["mean"][1] - 270) < 0.5 and st["std"][1] < 4 and st["lo"][1] > 250
+    raw = compute_stats([img], ["a", "b"], ignore_masked=False)
+    assert raw["std"][1] > 50

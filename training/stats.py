@@ -14,11 +14,15 @@ def compute_stats(
     hi_pct: float = 99.5,
     max_per_tile: int = 200_000,
     seed: int = 0,
+    ignore_masked: bool = True,
 ) -> Dict[str, list]:
     """Percentile-clip each band to [lo_pct, hi_pct], then take mean and std.
 
-    Invalid pixels (NaN/inf) are ignored. Each tile contributes at most ``max_per_tile``
-    pixels (a seeded subsample) so one large tile cannot dominate.
+    Invalid pixels (NaN/inf) are ignored, and so (``ignore_masked``) are masked pixels:
+    zero in every band, as the competition's masked tiles store areas outside the scene.
+    Left in, a few percent of zeros inflate the thermal band's std several-fold and squash
+    its signal. Each tile contributes at most ``max_per_tile`` pixels (a seeded subsample)
+    so one large tile cannot dominate.
     """
     rng = np.random.default_rng(seed)
     n = len(band_names)
@@ -28,8 +32,9 @@ def compute_stats(
         if img.ndim != 3 or img.shape[0] != n:
             raise ValueError(f"expected ({n}, H, W) tiles for bands {list(band_names)}, got {img.shape}")
         count += 1
+        keep = ~np.all(img == 0, axis=0).reshape(-1) if ignore_masked else np.ones(img[0].size, bool)
         for b in range(n):
-            v = img[b].reshape(-1)
+            v = img[b].reshape(-1)[keep]
             v = v[np.isfinite(v)]
             if v.size > max_per_tile:
                 v = rng.choice(v, max_per_tile, replace=False)

@@ -1,0 +1,62 @@
+"""solution/ imports only what the platform has and is Python 3.9 syntax."""
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME = os.path.join(ROOT, "solution")
+ALLOWED = {"numpy", "torch", "cv2", "tifffile", "PIL", "tqdm", "onnxruntime"}
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _files():
+    for folder, _, files in os.walk(RUNTIME):
+        for f in files:
+            if f.endswith(".py"):
+                yield os.path.join(folder, f)
+
+
+@pytest.mark.parametrize("path", sorted(_files()), ids=lambda p: os.path.relpath(p, ROOT))
+def test_runtime_imports_platform_packages_only(path):
+    tree = ast.parse(open(path).read(), filename=path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: stays inside the runtime
+                continue
+            mods = [node.module]
+        else:
+            continue
+        for m in mods:
+            top = m.split(".")[0]
+            assert top in STDLIB or top in ALLOWED or top == "__future__", f"{path}: imports {m}"
+
+
+def test_onnxruntime_only_on_onnx_path():
+    src = open(os.path.join(RUNTIME, "backends.py")).read()
+    tree = ast.parse(src)
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("onnxruntime" in ast.dump(n) for n in top_level)
+
+
+def test_runtime_is_python39_syntax():
+    for path in _files():
+        ast.parse(open(path).read(), filename=path, feature_version=(3, 9))
+
+
+def test_vermin_minimum_version():
+    vermin = pytest.importorskip("vermin")
+    exe = os.path.join(os.path.dirname(sys.executable), "vermin")
+    r = subprocess.run([exe, "--no-tips", "--violations", "-t=3.9-", "--eval-annotations",
+                        "--backport", "typing", RUNTIME], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_runtime_imports_nothing_of_the_repo():
+    for path in _files():
+        src = open(path).read()
+        assert "import training" not in src and "from training" not in src and "glacier_submit" not in src, path
