@@ -38,6 +38,20 @@ def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: 
         click.echo(f"wrote {len(ids)} tiles of {size[0]}x{size[1]} to {os.path.join(out, split)}")
 
 
+@cli.command("synth-hkh")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for train/ and val/ patch arrays.")
+@click.option("--train", "n_train", default=64, show_default=True, type=click.IntRange(1, 100_000), help="Training patches.")
+@click.option("--val", "n_val", default=16, show_default=True, type=click.IntRange(0, 100_000), help="Validation patches.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(32, 2048), help="Patch size (HKH uses 512).")
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth_hkh(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
+    """Write a fake HKH set: the synthetic terrain in HKH's 15 channels and patch layout."""
+    from training.data.hkh import write_fake_hkh
+
+    counts = write_fake_hkh(out, n_train, n_val, size, seed)
+    click.echo(f"wrote {counts} patches of {size}x{size}x15 to {out}")
+
+
 def _open(data: str, label_mode: str, require_labels: bool = True):
     from training.data.competition import CompetitionDataset, DataError
 

@@ -89,6 +89,7 @@ class LossConfig(_Strict):
 
 
 class SamplerConfig(_Strict):
+    mode: Literal["balanced", "uniform"] = "balanced"  # uniform: streamed sets (HKH)
     targets: Dict[str, float] = Field(
         default_factory=lambda: {"background": 0.10, "glacier": 0.35, "debris": 0.40, "lake": 0.15})
     jitter: float = Field(0.4, ge=0, le=1)  # centre offset as a share of the patch
@@ -128,6 +129,7 @@ class Config(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     init_from: Optional[str] = None
+    stats_sample: int = Field(64, ge=1)  # tiles/patches sampled for statistics on streamed sets
 
 
 class ConfigError(ValueError):

@@ -120,7 +120,10 @@ def run_cv(config: str, data: str, folds_path: str, seeds: Sequence[int], out: s
     if cfg.init_from:
         from training.transfer import load_init_state
 
-        init_state = load_init_state(cfg.init_from, cfg)
+        lines: List[str] = []
+        init_state = load_init_state(cfg.init_from, cfg, lines)
+        for line in lines:
+            click.echo(line)
     ctx = init_distributed(device)
     os.makedirs(out, exist_ok=True)
     try:
@@ -231,4 +234,30 @@ def _strip_option(argv: List[str], name: str) -> List[str]:
     return out
 
 
-pretrain_command = None
+@click.command("pretrain")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of extracted HKH patches (img_*.npy / mask_*.npy; train/ and val/ optional).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write, e.g. weights/hkh.pt.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-patches", default=64, show_default=True, type=int, help="Validation patches scored each epoch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun).")
+@click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
+@click.option("--no-progress", is_flag=True)
+def pretrain_command(config, data, out, seed, val_patches, device, gpus, sets, no_progress):
+    """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        argv = _strip_option(list(sys.argv[2:]), "--gpus")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+               "-m", "training.cli", "pretrain"] + argv
+        click.echo("launching: " + " ".join(cmd))
+        sys.exit(subprocess.call(cmd))
+    from training.pretrain import pretrain
+
+    try:
+        res = pretrain(config, data, out, seed, val_patches, device, _parse_set(sets), progress=not no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if res:
+        click.echo(f"wrote {out}: val MCC {res['val_mcc']:.4f} on {res['val_patches']} HKH patches "
+                   f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")

@@ -34,10 +34,26 @@ from training.distributed import DistContext
 from training.losses import CombinedLoss, class_weights_from_shares
 from training.metrics import ConfusionAccumulator
 from training.models import create_model, model_spec
-from training.sampling import PixelBalancedSampler, achieved_rates
+from training.sampling import PixelBalancedSampler, UniformPatchSampler, achieved_rates
 from training.stats import compute_stats
 
 log = logging.getLogger("glacier.train")
+
+
+class LazyMap:
+    """A read-only mapping that computes values on access (streamed, memory-mapped data)."""
+
+    def __init__(self, keys, fn):
+        self._keys, self._fn = list(keys), fn
+
+    def __getitem__(self, key):
+        return self._fn(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _seed_all(*parts: int) -> None:
@@ -116,7 +132,7 @@ def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
 def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str], fold: int, seed: int,
                  out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
                  progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+                 stop_after_epoch: Optional[int] = None, save_oof: bool = True) -> Dict[str, Any]:
     """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut."""
     ctx = ctx or DistContext()
     device = ctx.device
@@ -126,22 +142,38 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
     best_path = os.path.join(work_dir, "best.pt")
     t0 = time.time()
 
-    # data: statistics from this fold's training tiles only
-    stats = compute_stats((dataset.image(k) for k in train_keys), cfg.data.bands,
+    # data: statistics from this fold's training tiles only (a seeded sample of them for
+    # streamed sources such as HKH, which never sit in memory)
+    lazy = bool(getattr(dataset, "lazy", False))
+    stats_keys = list(train_keys)
+    if lazy and len(stats_keys) > cfg.stats_sample:
+        pick = np.random.default_rng(seed).choice(len(stats_keys), cfg.stats_sample, replace=False)
+        stats_keys = [stats_keys[i] for i in sorted(pick)]
+    stats = compute_stats((dataset.image(k) for k in stats_keys), cfg.data.bands,
                           *cfg.data.stats_percentiles, seed=0)
-    images = {k: normalize(dataset.image(k), stats) for k in train_keys}
-    labels = {k: dataset.label(k) for k in train_keys}
+    if lazy:
+        images = LazyMap(train_keys, lambda k: normalize(dataset.image(k), stats))
+        labels = LazyMap(train_keys, dataset.label)
+    else:
+        images = {k: normalize(dataset.image(k), stats) for k in train_keys}
+        labels = {k: dataset.label(k) for k in train_keys}
     val_raw = {k: dataset.image(k) for k in val_keys}
     val_labels = {k: dataset.label(k) for k in val_keys}
-    counts = sum(np.bincount(labels[k].ravel(), minlength=n_classes)[:n_classes] for k in train_keys)
+    counts = sum(np.bincount(dataset.label(k).ravel(), minlength=n_classes)[:n_classes] for k in stats_keys)
     shares = counts / max(counts.sum(), 1)
     cw = cfg.loss.class_weights
     class_weight = (class_weights_from_shares(shares) if cw == "auto" else
                     None if cw == "none" else torch.tensor(cw, dtype=torch.float32))
     if class_weight is not None and class_weight.numel() != n_classes:
         raise ValueError(f"loss.class_weights has {class_weight.numel()} values for {n_classes} classes")
-    sampler = PixelBalancedSampler(labels, dataset.class_names, cfg.sampler.targets, cfg.train.patch_size,
-                                   cfg.sampler.jitter, seed=seed)
+    if cfg.sampler.mode == "uniform":
+        sampler = UniformPatchSampler({k: dataset.shape(k) for k in train_keys}, cfg.train.patch_size)
+    elif lazy:
+        raise ValueError("balanced sampling indexes every label in memory; streamed data (HKH) needs "
+                         "sampler.mode: uniform")
+    else:
+        sampler = PixelBalancedSampler(labels, dataset.class_names, cfg.sampler.targets, cfg.train.patch_size,
+                                       cfg.sampler.jitter, seed=seed)
     if sampler.absent:
         log.warning("fold %d: classes %s absent from the training tiles; sampler targets renormalised",
                     fold, sampler.absent)
@@ -201,7 +233,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.epochs, initial=start_epoch, desc=f"fold {fold} seed {seed}", unit="ep",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=None)  # None: off when not a terminal
     stopped_early = False
     for epoch in range(start_epoch, cfg.train.epochs):
         te = time.time()
@@ -302,8 +334,10 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
         per_class: List[Dict[str, Any]] = []
         per_tile: Dict[str, float] = {}
         if val_keys:
-            acc, per_tile, probs = validate(model, val_raw, val_labels, stats, device, cfg, n_classes, keep_probs=True)
+            acc, per_tile, probs = validate(model, val_raw, val_labels, stats, device, cfg, n_classes,
+                                            keep_probs=save_oof)
             per_class = acc.per_class(dataset.class_names)
+        if val_keys and save_oof:
             os.makedirs(oof_dir, exist_ok=True)
             lab_dir = os.path.join(os.path.dirname(oof_dir), "labels")
             os.makedirs(lab_dir, exist_ok=True)

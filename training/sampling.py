@@ -61,4 +61,29 @@ class PixelBalancedSampler:
 
 
 def achieved_rates(centre_classes: Sequence[int], n_classes: int) -> np.ndarray:
-    return np.bincount(np.asarray(centre_classes, int), minlength=n_classes) / max(len(centre_classes), 1)
+    """Share of patches centred on each class (uniform crops have no centre class: -1)."""
+    c = np.asarray(centre_classes, int)
+    c = c[c >= 0]
+    return np.bincount(c, minlength=n_classes)[:n_classes] / max(len(c), 1)
+
+
+class UniformPatchSampler:
+    """Uniform random crops (for large streamed sets such as HKH, where indexing every
+    label for balanced sampling would read the whole set). Deterministic for (seed, epoch)."""
+
+    def __init__(self, shapes: Mapping[str, Tuple[int, int]], patch: int):
+        self.keys = list(shapes)
+        self.shapes = dict(shapes)
+        self.patch = patch
+        self.absent: List[str] = []
+
+    def sample(self, n: int, seed: int, epoch: int) -> List[Tuple[str, int, int, int]]:
+        rng = np.random.default_rng([seed, epoch, 11])
+        out = []
+        for i in rng.integers(len(self.keys), size=n):
+            key = self.keys[int(i)]
+            h, w = self.shapes[key]
+            y0 = int(rng.integers(0, max(h - self.patch, 0) + 1))
+            x0 = int(rng.integers(0, max(w - self.patch, 0) + 1))
+            out.append((key, y0, x0, -1))
+        return out

@@ -279,6 +279,9 @@ class CompetitionDataset:
             )
         return lab
 
+    def shape(self, key: str) -> Tuple[int, int]:
+        return tuple(self.label(key).shape) if self.has_labels else tuple(self.image(key).shape[1:])
+
     def class_pixels(self, key: str) -> np.ndarray:
         n = len(self.class_names)
         return np.bincount(self.label(key).reshape(-1), minlength=n)[:n]

@@ -91,8 +91,10 @@ def _quantile_mask(field: np.ndarray, share: float, within: Optional[np.ndarray]
     return m & within if within is not None else m
 
 
-def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, region: Region = TRAIN_REGION):
-    """Return (bands float32 (5, H, W), labels uint8 (H, W) class ids) for a whole scene."""
+def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, region: Region = TRAIN_REGION,
+                   return_extras: bool = False):
+    """Return (bands float32 (5, H, W), labels uint8 (H, W) class ids) for a whole scene;
+    with ``return_extras`` also {"elevation", "slope", "nir"} (for the fake HKH channels)."""
     rng = np.random.default_rng(seed)
     th, tw = size
     H, W = rows * th, cols * tw
@@ -214,6 +216,12 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
                 bands[:, ys, x0:x0 + gw] = 0.0
                 labels[ys, x0:x0 + gw] = 0
     bands[:4] = np.clip(bands[:4], 0.0, 1.0)
+    if return_extras:
+        nir_mean = np.array([0.26, 0.27, 0.25, 0.32, 0.60, 0.03], np.float32)[mat] + 0.15 * veg * (mat == 0)
+        nir = np.clip(nir_mean * illum * region.gain + rng.normal(0, 0.008, shape).astype(np.float32), 0, 1)
+        extras = {"elevation": elev_m.astype(np.float32), "slope": np.degrees(slope).astype(np.float32),
+                  "nir": nir.astype(np.float32)}
+        return bands, labels, extras
     return bands, labels
 
 
