@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import write_result  # noqa: E402
 
 from solution.backends import OnnxRunner, TorchRunner, onnxruntime_available  # noqa: E402
 from solution.models import build_model  # noqa: E402
@@ -144,10 +147,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import write_result  # noqa: E402
 
 from training.data.competition import CompetitionDataset  # noqa: E402
 from training.metrics import ConfusionAccumulator  # noqa: E402
@@ -83,10 +86,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k != "per_class_unseen"}, indent=2))
     for row in out["per_class_unseen"]:
         print(f"  {row['class']:<11} mcc {row['mcc']:.3f}  iou {row['iou']:.3f}  f1 {row['f1']:.3f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
 from solution.io import atomic_write_bytes
 from solution.predictor import Predictor
-from solution.tta import PRESETS, resolve_views
+from solution.tta import resolve_views
 
 log = logging.getLogger("glacier.build")
 MB = 1024 * 1024
@@ -184,7 +184,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
 
     rules = load_postprocess(postprocess)
     inference = {"tta": tta, "scales": [float(s) for s in scales], "merge": merge, "bias": bias_values,
-                 "window": window, "overlap": 0.25, "max_batch": 8, "stride": 32, "postprocess": rules}
+                 "window": window, "overlap": 0.25, "max_batch": "auto", "stride": 32, "postprocess": rules}
 
     # backend
     supported = all(runtime_supports(e["spec"]) for e in entries)

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
-import sys
 from typing import List, Optional
 
 import click

@@ -12,7 +12,7 @@ import numpy as np
 
 from glacier_submit.sandbox import RunResult, run_bundle
 from training.data.competition import CompetitionDataset
-from training.metrics import ConfusionAccumulator, mcc_from_confusion
+from training.metrics import ConfusionAccumulator
 from solution.io import tile_id
 
 
@@ -167,7 +167,6 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
     stamped = False
     if leaks:
         if not allow_leak:
-            clean = not all(leakage(manifest, [k]) for k in keys)
             lines = [f"  {m}: trained on {t}" for m, t in leaks.items()]
             msg = ("leaky evaluation refused: members trained on evaluated tiles\n" + "\n".join(lines) + "\n")
             if len(leaks) == len(manifest["members"]) and fold is not None:

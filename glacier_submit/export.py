@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch

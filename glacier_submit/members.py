@@ -71,10 +71,3 @@ def cast_payload(payload: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
         e2["state_dict"] = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in e["state_dict"].items()}
         out["members"].append(e2)
     return out
-
-
-def payload_for_runtime(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """Strip training-only metadata that the bundle does not need (tile lists stay: small)."""
-    out = dict(payload)
-    out["members"] = [{k: v for k, v in e.items()} for e in payload["members"]]
-    return out

@@ -101,7 +101,7 @@ def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: 
     md += [f"![{os.path.basename(f)}]({f})" for f in rel]
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
-    body = [f"<h1>Evaluation report</h1>"]
+    body = ["<h1>Evaluation report</h1>"]
     if r.get("leaky"):
         body.append("<p style='color:#b00'><b>LEAKY EVALUATION</b>: members trained on evaluated tiles.</p>")
     body.append("<pre>" + html.escape(render_report(r)) + "</pre>")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from glacier_submit.bundle import BudgetError, build, candidate_settings
-from glacier_submit.members import load_members, make_payload
+from glacier_submit.members import load_members
 from glacier_submit.sandbox import CONVENTIONS, run_bundle
 from solution.platform import predict_folder
 from solution.predictor import Predictor, load_payload

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 from glacier_submit.bundle import build
 from glacier_submit.cli import cli
 from glacier_submit.evaluate import EvaluateError, LeakError, evaluate
-from solution.io import read_band
 from training.data.competition import CompetitionDataset
 from training.metrics import ConfusionAccumulator
 from tests.conftest import make_member
@@ -32,7 +31,6 @@ def test_clean_evaluation_mcc_equals_direct(eval_setup, tmp_path):
     r = evaluate(bundle, os.path.join(data, "unseen"), str(tmp_path / "rep"), convention="import-call")
     assert not r["leaky"] and r["mask_count"] == 4
     ds = CompetitionDataset(os.path.join(data, "unseen"))
-    import zipfile
 
     acc = ConfusionAccumulator(4)
     with np.load(os.path.join(tmp_path, "rep", "_masks", "returned.npz")) as z:

@@ -49,7 +49,7 @@ def test_runtime_is_python39_syntax():
 
 
 def test_vermin_minimum_version():
-    vermin = pytest.importorskip("vermin")
+    pytest.importorskip("vermin")
     exe = os.path.join(os.path.dirname(sys.executable), "vermin")
     r = subprocess.run([exe, "--no-tips", "--violations", "-t=3.9-", "--eval-annotations",
                         "--backport", "typing", RUNTIME], capture_output=True, text=True)

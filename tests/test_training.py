@@ -1,10 +1,5 @@
 """Training backend: configs, losses, sampler, augmentation, checkpoints, resume, DDP."""
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -125,7 +120,6 @@ def test_class_weights_favour_rare():
 
 # ---- sampler and augmentation ---------------------------------------------------------------
 def _labels():
-    rng = np.random.default_rng(0)
     labs = {}
     for i in range(4):
         lab = np.zeros((96, 96), np.uint8)

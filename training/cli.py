@@ -8,7 +8,6 @@ import sys
 from typing import Optional, Tuple
 
 import click
-import numpy as np
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -1,7 +1,7 @@
 """Torch dataset of sampled, augmented patches from normalised tiles (in memory)."""
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Tuple
+from typing import List, Mapping, Tuple
 
 import numpy as np
 import torch

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import logging
 import math
 import os

@@ -1,7 +1,6 @@
 """``glacier-train pretrain``: the same loop as CV, streamed over memory-mapped HKH patches."""
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional
 
 import numpy as np

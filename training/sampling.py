@@ -2,7 +2,7 @@
 drawn from configured target shares, so rare debris and lakes are seen often."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 import numpy as np
 

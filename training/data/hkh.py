@@ -126,7 +126,7 @@ class HKHPatches:
 def write_fake_hkh(out: str, n_train: int = 16, n_val: int = 4, size: int = 128, seed: int = 0,
                    prefix: str = "slice_0_") -> Dict[str, int]:
     """The synthetic terrain rendered in HKH's 15 channels and patch layout (tests, demo)."""
-    from training.data.synth import TRAIN_REGION, Region, generate_scene
+    from training.data.synth import Region, generate_scene
 
     region = Region(sun_azimuth=120.0, sun_elevation=50.0, elevation_offset=-200.0, gain=1.05)
     counts = {}

@@ -5,11 +5,14 @@ What makes it a fair stand-in rather than a toy:
 * debris-covered ice has the spectrum of bare rock and of the lateral moraines beside it;
   it differs only by shape and position (the lower, connected tongue of a glacier body),
   a speckled texture (ponds, ice cliffs) and a weak, blurred thermal deficit;
-* clean ice is confusable with seasonal snow patches on rock and with thin cloud;
+* clean ice is confusable with seasonal snow patches on rock (near-identical spectra:
+  snow is told apart by shape and context, patchy on rock rather than a connected body)
+  and with thin cloud;
 * lakes are small dark water bodies near glacier termini, confusable with terrain shadow
   (shadowed ice and rock are dark with low SWIR too);
 * bands carry noise, the odd column striping and masked (zero) gaps; thermal is blurred
-  like the 100 m TIRS band;
+  like the 100 m TIRS band; every tile has its own calibration and illumination (gain
+  +-15 %, thermal offset +-2 K), so absolute per-pixel thresholds do not transfer;
 * the "unseen region" split shifts illumination (sun azimuth/elevation), elevation and
   temperature, gain, and the class mix.
 
@@ -58,7 +61,7 @@ SPECTRA = {
     "moraine": (0.125, 0.140, 0.160, 0.215, 284.0),
     "debris":  (0.122, 0.137, 0.156, 0.212, 281.0),
     "ice":     (0.520, 0.480, 0.430, 0.060, 271.0),
-    "snow":    (0.700, 0.670, 0.630, 0.110, 270.0),
+    "snow":    (0.560, 0.520, 0.465, 0.068, 270.5),  # seasonal snow: near-identical to ice
     "cloud":   (0.580, 0.570, 0.560, 0.330, 258.0),
     "water":   (0.095, 0.105, 0.070, 0.012, 279.0),
 }
@@ -206,6 +209,8 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     for r in range(rows):
         for c in range(cols):
             ys, xs = slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)
+            bands[:4, ys, xs] *= np.float32(rng.uniform(0.85, 1.15))  # per-tile gain
+            bands[4, ys, xs] += np.float32(rng.uniform(-2.0, 2.0))   # per-tile thermal offset
             if rng.random() < 0.15:  # column striping in one band
                 b = int(rng.integers(0, 5))
                 amp = 0.01 if b < 4 else 0.8

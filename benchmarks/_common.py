@@ -1,0 +1,15 @@
+"""Shared helpers for the benchmark scripts."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+
+def write_result(path: str, result: Dict[str, Any]) -> None:
+    """Write a benchmark result as JSON (creating the folder)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)
