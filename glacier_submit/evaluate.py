@@ -116,7 +116,7 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
                 pred.rules = rules
             acc = ConfusionAccumulator(n)
             for k in keys:
-                acc.update(ds.label(k), pred.decide(probs[k]))
+                acc.update(ds.label(k), pred.decide(probs[k], pred.masked(ds.image(k))))
             variants.append({"variant": label + rs_label, "mcc": acc.mcc, "seconds_per_tile": secs,
                              "views": pred.n_forward_views})
 

@@ -33,6 +33,7 @@ DEFAULT_INFERENCE: Dict[str, Any] = {
     "max_batch": "auto",    # views per forward pass: auto = 8 on CUDA, 2 torch-CPU, 1 ORT-CPU (measured)
     "stride": 32,
     "postprocess": [],
+    "masked_background": True,  # pixels that are 0 in every band (masked scene edge) -> background
 }
 
 
@@ -171,14 +172,24 @@ class Predictor:
         probs = acc / np.maximum(norm, 1e-12)
         return probs[:, :H, :W]
 
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        """Probabilities -> class ids: argmax of log p + bias, then post-processing."""
+    def masked(self, image: np.ndarray) -> Optional[np.ndarray]:
+        """Pixels zero in every band: the masked area of the competition's tiles."""
+        if not self.cfg.get("masked_background", True):
+            return None
+        m = np.all(image == 0, axis=0)
+        return m if m.any() else None
+
+    def decide(self, probs: np.ndarray, masked: Optional[np.ndarray] = None) -> np.ndarray:
+        """Probabilities -> class ids: argmax of log p + bias, masked pixels to background,
+        then post-processing."""
         scores = np.log(np.maximum(probs, 1e-8)) + self.bias.reshape(-1, 1, 1)
         ids = scores.argmax(axis=0).astype(np.uint8)
+        if masked is not None:
+            ids[masked] = 0
         return postprocess.apply(ids, self.rules, self.n_classes)
 
     def predict_ids(self, image: np.ndarray) -> np.ndarray:
-        return self.decide(self.predict_proba(image))
+        return self.decide(self.predict_proba(image), self.masked(image))
 
     def to_pixels(self, ids: np.ndarray) -> np.ndarray:
         return self.class_values[ids]
@@ -196,7 +207,7 @@ class Predictor:
         ]
         for label, kw in attempts:
             try:
-                ids = self.decide(self.predict_proba(image, **kw))
+                ids = self.decide(self.predict_proba(image, **kw), self.masked(image))
                 note = "" if label == "full" else f"fallback: {label}"
                 if note:
                     log.warning("%s: used %s", name, note)

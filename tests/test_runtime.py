@@ -156,7 +156,7 @@ def test_pad_reflect_and_tiny_tiles():
 
 def test_bias_shifts_decision():
     pr = _predictor(bias=[0.0, 0.0, 0.0, 50.0])
-    ids = pr.predict_ids(np.zeros((5, 8, 8), np.float32))
+    ids = pr.predict_ids(np.ones((5, 8, 8), np.float32))
     assert (ids == 3).all()
     with pytest.raises(ValueError, match="bias needs 4"):
         _predictor(bias=[1.0])
@@ -179,9 +179,9 @@ def test_safe_prediction_falls_back():
             raise RuntimeError("out of memory")
 
     pr = Predictor([Member(TorchRunner(Boom(), "cpu", fold_bn=False), identity_stats(5))])
-    mask, note = pr.predict_pixels_safe(np.zeros((5, 9, 11), np.float32))
+    mask, note = pr.predict_pixels_safe(np.ones((5, 9, 11), np.float32))
     assert mask.shape == (9, 11) and mask.dtype == np.uint8 and note == "fallback: background"
-    mask, note = _predictor(tta="d4").predict_pixels_safe(np.zeros((5, 9, 11), np.float32))
+    mask, note = _predictor(tta="d4").predict_pixels_safe(np.ones((5, 9, 11), np.float32))
     assert note == "" and set(np.unique(mask)) <= {0, 85, 170, 255}
 
 
@@ -272,3 +272,15 @@ def test_rules_validation_and_disable():
         postprocess.validate_rules([{"rule": "erode"}])
     m = _random_mask(1)
     assert np.array_equal(postprocess.apply(m, [{"rule": "min_area", "class": 3, "min_area": 50, "enabled": False}]), m)
+
+
+def test_masked_pixels_become_background():
+    img = np.random.default_rng(7).normal(size=(5, 20, 20)).astype(np.float32)
+    img[:, :, :4] = 0.0  # masked strip: zero in every band
+    pr = _predictor(bias=[0.0, 50.0, 0.0, 0.0])  # would say glacier everywhere
+    ids = pr.predict_ids(img)
+    assert (ids[:, :4] == 0).all() and (ids[:, 4:] == 1).all()
+    off = _predictor(bias=[0.0, 50.0, 0.0, 0.0], masked_background=False).predict_ids(img)
+    assert (off == 1).all()
+    img[0, 0, 0] = 0.5  # one band non-zero: not masked
+    assert pr.predict_ids(img)[0, 0] == 1

@@ -106,7 +106,7 @@ def validate(model: torch.nn.Module, images: Dict[str, np.ndarray], labels: Dict
     per_tile = {}
     for key, img in images.items():
         probs = pred.predict_proba(img)
-        ids = probs.argmax(0)
+        ids = pred.decide(probs, pred.masked(img))
         per_tile[key] = acc.update(labels[key], ids)
         if keep_probs:
             probs_out[key] = probs.astype(np.float16)
