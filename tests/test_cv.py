@@ -123,3 +123,17 @@ def test_cv_bad_folds_file(synth_data, tmp_path):
     r = subprocess.run(_cmd(os.path.join(synth_data, "train"), str(bad), str(tmp_path / "o")), env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "99_99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fold_parallel_two_workers(synth_data, folds_file, tmp_path):
+    out = str(tmp_path / "cv_par")
+    cmd = [c for c in _cmd(os.path.join(synth_data, "train"), folds_file, out) if c not in ("--fold",)]
+    cmd.remove("0")  # drop the "--fold 0" pair: train folds 0 and 1 in two processes
+    cmd += ["--fold", "0", "--fold", "1", "--parallel-folds", "2"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "worker 0 (GPU 0): folds [0]" in r.stdout and "worker 1 (GPU 1): folds [1]" in r.stdout
+    for f in (0, 1):
+        assert load_checkpoint(os.path.join(out, f"fold{f}_seed0.pt"))["fold"] == f
+    summary = json.load(open(os.path.join(out, "cv_summary.json")))
+    assert sorted(m["fold"] for m in summary["members"]) == [0, 1]

@@ -45,7 +45,9 @@ def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[
                 if os.path.exists(p):
                     probs.append(np.load(p).astype(np.float32))
             if probs:
-                acc.update(dataset.label(key), np.mean(probs, 0).argmax(0))
+                pred = np.mean(probs, 0).argmax(0)
+                pred[np.all(dataset.image(key) == 0, axis=0)] = 0  # the runtime's masked rule
+                acc.update(dataset.label(key), pred)
                 seen += 1
     return acc.mcc if seen else None
 
@@ -211,7 +213,7 @@ def cv_command(config, data, folds_path, seeds, out, only_folds, device, gpus, p
         rc = _launch_fold_parallel(parallel_folds, _strip_option(_strip_option(argv, "--parallel-folds"), "--fold"), ids)
         if rc:
             sys.exit(rc)
-        only_folds = ()
+        only_folds = tuple(ids)  # all finished by the workers: the run below only summarises
     try:
         run_cv(config, data, folds_path, seeds, out, only_folds, device, _parse_set(sets), init_from,
                progress=not no_progress)

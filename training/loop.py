@@ -106,9 +106,13 @@ def validate(model: torch.nn.Module, images: Dict[str, np.ndarray], labels: Dict
     per_tile = {}
     for key, img in images.items():
         probs = pred.predict_proba(img)
-        ids = pred.decide(probs, pred.masked(img))
+        masked = pred.masked(img)
+        ids = pred.decide(probs, masked)
         per_tile[key] = acc.update(labels[key], ids)
         if keep_probs:
+            if masked is not None:  # saved as the runtime decides them: masked -> background
+                probs[:, masked] = 0.0
+                probs[0, masked] = 1.0
             probs_out[key] = probs.astype(np.float16)
     model.train(was_training)
     return acc, per_tile, probs_out

@@ -1,0 +1,71 @@
+"""Which post-processing rules help, measured on out-of-fold predictions (never on the
+tiles a bundle is scored on): MCC of every preset and of each rule alone.
+
+    python benchmarks/postprocess_oof.py --weights demo/weights --out benchmarks/results/postprocess_oof.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import write_result  # noqa: E402
+from glacier_submit.bundle import load_postprocess  # noqa: E402
+from solution import postprocess  # noqa: E402
+from training.bias import load_oof  # noqa: E402
+from training.metrics import ConfusionAccumulator  # noqa: E402
+
+
+def score(ids, labels) -> float:
+    acc = ConfusionAccumulator(4)
+    for p, y in zip(ids, labels):
+        acc.update(y, p)
+    return acc.mcc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default="demo/weights")
+    ap.add_argument("--data", default=None, help="training folder: apply the runtime's masked-pixel rule first")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    names = sorted(d for d in os.listdir(os.path.join(args.weights, "oof")) if d != "labels")
+    probs, labels, keys = load_oof(args.weights, names)
+    if not probs:
+        raise SystemExit(f"no out-of-fold predictions under {args.weights}/oof")
+    raw = [p.argmax(0).astype(np.uint8) for p in probs]
+    if args.data:
+        from training.data.competition import CompetitionDataset
+
+        ds = CompetitionDataset(args.data)
+        for r, k in zip(raw, keys):
+            r[np.all(ds.image(k) == 0, axis=0)] = 0
+    base = score(raw, labels)
+    rows = [{"variant": "argmax, no post-processing", "mcc": base, "delta": 0.0}]
+    seen = set()
+    for preset in ("light", "competition"):
+        rules = load_postprocess(preset)
+        m = score([postprocess.apply(r, rules) for r in raw], labels)
+        rows.append({"variant": f"preset {preset}", "mcc": m, "delta": m - base})
+        for rule in rules:
+            key = repr(sorted(rule.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            m = score([postprocess.apply(r, [rule]) for r in raw], labels)
+            desc = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "rule")
+            rows.append({"variant": f"only {rule['rule']} ({desc})", "mcc": m, "delta": m - base})
+    for r in rows:
+        print(f"{r['variant']:<70} {r['mcc']:.4f} {r['delta']:+.4f}")
+    write_result(args.out, {"benchmark": "postprocess_oof", "oof_tiles": len(keys), "members": names,
+                            "rows": rows, "date": time.strftime("%Y-%m-%d")})
+
+
+if __name__ == "__main__":
+    main()

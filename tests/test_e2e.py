@@ -1,0 +1,37 @@
+"""The README's three commands end to end through their console scripts (slow: ~2 min)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BIN = os.path.dirname(sys.executable)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sh(*cmd):
+    r = subprocess.run(list(cmd), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+def test_three_commands(tmp_path):
+    d = str(tmp_path)
+    sh(f"{BIN}/glacier-train", "synth", "--out", f"{d}/s", "--tiles", "9", "--size", "96", "96", "--unseen-tiles", "3")
+    sh(f"{BIN}/glacier-train", "folds", f"{d}/s/train", "--k", "3", "--block", "1", "--out", f"{d}/folds.json")
+    sh(f"{BIN}/glacier-train", "cv", "--config", "configs/quickstart.yaml", "--data", f"{d}/s/train",
+       "--folds", f"{d}/folds.json", "--seeds", "0", "--out", f"{d}/w", "--set", "train.epochs=2",
+       "--set", "train.patches_per_epoch=16", "--set", "train.patch_size=64", "--no-progress")
+    out = sh(f"{BIN}/glacier-submit", "build", "--models", f"{d}/w/*.pt", "--out", f"{d}/sub", "--tta", "flips",
+             "--postprocess", "competition", "--test-tiles", "3")
+    assert "fold2_seed0" in out and "per 512x512 tile" in out
+    m = json.load(open(f"{d}/sub/manifest.json"))
+    assert m["bias"]["mode"] == "tuned on OOF" and len(m["members"]) == 3
+    out = sh(f"{BIN}/glacier-submit", "evaluate", "--bundle", f"{d}/sub", "--data", f"{d}/s/unseen",
+             "--convention", "data-dict", "--compare", "--out", f"{d}/rep")
+    r = json.load(open(f"{d}/rep/report.json"))
+    assert "MCC over all pixels of 3 tiles" in out and -1 <= r["mcc"] <= 1 and r["ablations"]
+    out = sh(f"{BIN}/glacier-submit", "predict", "--bundle", f"{d}/sub", "--input", f"{d}/s/unseen", "--output", f"{d}/pred")
+    assert sorted(os.listdir(f"{d}/pred")) == ["img001.tif", "img002.tif", "img003.tif"]
