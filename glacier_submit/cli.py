@@ -182,7 +182,13 @@ def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, 
 
 
 def main(argv=None) -> None:
-    cli.main(args=argv, prog_name="glacier-submit")
+    """Console entry point; ``--models weights/*`` (shell-expanded) works unquoted."""
+    import sys
+
+    from training.argv import expand_multi
+
+    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv), ("--models",)),
+             prog_name="glacier-submit")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,10 @@ def test_seeds_space_separated():
     assert expand_multi(["cv", "--seeds", "0", "1", "2", "--out", "w"]) == \
         ["cv", "--seeds", "0", "--seeds", "1", "--seeds", "2", "--out", "w"]
     assert expand_multi(["--seeds", "3"]) == ["--seeds", "3"]
+
+
+def test_models_unquoted_glob_expands():
+    from training.argv import expand_multi as ex
+
+    argv = ["build", "--models", "w/a.pt", "w/b.pt", "w/logs", "--out", "s"]
+    assert ex(argv, ("--models",)) == ["build", "--models", "w/a.pt", "--models", "w/b.pt", "--models", "w/logs", "--out", "s"]

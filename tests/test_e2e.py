@@ -24,7 +24,10 @@ def test_three_commands(tmp_path):
     sh(f"{BIN}/glacier-train", "cv", "--config", "configs/quickstart.yaml", "--data", f"{d}/s/train",
        "--folds", f"{d}/folds.json", "--seeds", "0", "--out", f"{d}/w", "--set", "train.epochs=2",
        "--set", "train.patches_per_epoch=16", "--set", "train.patch_size=64", "--no-progress")
-    out = sh(f"{BIN}/glacier-submit", "build", "--models", f"{d}/w/*.pt", "--out", f"{d}/sub", "--tta", "flips",
+    import glob
+
+    unquoted = sorted(glob.glob(f"{d}/w/*"))  # what the shell makes of --models weights/*
+    out = sh(f"{BIN}/glacier-submit", "build", "--models", *unquoted, "--out", f"{d}/sub", "--tta", "flips",
              "--postprocess", "competition", "--test-tiles", "3")
     assert "fold2_seed0" in out and "per 512x512 tile" in out
     m = json.load(open(f"{d}/sub/manifest.json"))

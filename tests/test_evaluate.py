@@ -96,3 +96,15 @@ def test_fold_needs_folds_file(eval_setup, tmp_path):
     bundle, data, _ = eval_setup
     with pytest.raises(EvaluateError, match="--folds"):
         evaluate(bundle, os.path.join(data, "train"), str(tmp_path / "x"), fold=0)
+
+
+def test_kfold_ensemble_has_no_clean_fold(eval_setup, tmp_path):
+    from training.folds import save_folds
+
+    bundle, data, keys = eval_setup
+    folds = {"k": 2, "folds": [{"fold": 0, "val": keys[:2], "train": keys[2:]},
+                               {"fold": 1, "val": keys[2:], "train": keys[:2]}]}
+    path = str(tmp_path / "folds.json")
+    save_folds(folds, path)
+    with pytest.raises(LeakError, match="no clean fold"):
+        evaluate(bundle, os.path.join(data, "train"), str(tmp_path / "k"), fold=0, folds=path)

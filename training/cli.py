@@ -124,20 +124,9 @@ MULTI_VALUE_OPTIONS = ("--seeds",)
 
 
 def expand_multi(argv, names=MULTI_VALUE_OPTIONS):
-    """Let ``--seeds 0 1 2`` mean ``--seeds 0 --seeds 1 --seeds 2``."""
-    out, current = [], None
-    for a in argv:
-        if a in names:
-            current = a
-            out.append(a)
-            continue
-        if current and not a.startswith("-") and out and out[-1] != current:
-            out += [current, a]
-            continue
-        if a.startswith("-"):
-            current = None
-        out.append(a)
-    return out
+    from training.argv import expand_multi as _expand
+
+    return _expand(argv, names)
 
 
 def main(argv=None) -> None:

@@ -198,7 +198,7 @@ def _launch_fold_parallel(n: int, argv: List[str], fold_ids: List[int]) -> int:
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 def cv_command(config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets, no_progress):
     """Train every fold x seed; finished members are skipped, interrupted ones resume."""
-    argv = list(sys.argv[2:]) if sys.argv[1:2] == ["cv"] else None
+    argv = _own_args("cv")
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
         if argv is None:
             raise click.ClickException("--gpus > 1 must be used from the command line")
@@ -219,6 +219,17 @@ def cv_command(config, data, folds_path, seeds, out, only_folds, device, gpus, p
                progress=not no_progress)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished members are kept and the current one resumes from its last "
+                   "epoch; re-run the same command to continue", err=True)
+        sys.exit(130)
+
+
+def _own_args(command: str) -> Optional[List[str]]:
+    """The arguments after the sub-command on the real command line (None if not found)."""
+    if command in sys.argv[1:]:
+        return list(sys.argv[sys.argv.index(command, 1) + 1:])
+    return None
 
 
 def _strip_option(argv: List[str], name: str) -> List[str]:
@@ -249,7 +260,7 @@ def _strip_option(argv: List[str], name: str) -> List[str]:
 def pretrain_command(config, data, out, seed, val_patches, device, gpus, sets, no_progress):
     """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        argv = _strip_option(list(sys.argv[2:]), "--gpus")
+        argv = _strip_option(_own_args("pretrain") or [], "--gpus")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                "-m", "training.cli", "pretrain"] + argv
         click.echo("launching: " + " ".join(cmd))
