@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import tempfile
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -25,6 +25,10 @@ _GDAL_NODATA_TAG = 42113
 
 class TileReadError(RuntimeError):
     """A band file could not be decoded by any reader."""
+
+
+class BandShapeError(TileReadError):
+    """The bands of one tile do not share one grid."""
 
 
 def is_tiff(name: str) -> bool:
@@ -134,21 +138,31 @@ def read_band(path: str) -> Tuple[np.ndarray, Optional[float]]:
     )
 
 
-def read_tile(paths: Mapping[str, str], bands: Tuple[str, ...] = BAND_FOLDERS) -> np.ndarray:
-    """Read the bands of one tile into a float32 (C, H, W) array; nodata pixels become NaN."""
+def read_tile(paths: Mapping[str, str], bands: Tuple[str, ...] = BAND_FOLDERS,
+              reader: Callable[[str], Tuple[np.ndarray, Optional[float]]] = read_band,
+              dtypes: Optional[List[str]] = None) -> np.ndarray:
+    """Read the bands of one tile into a float32 (C, H, W) array.
+
+    Invalid pixels (the file's nodata value, +-inf) become NaN, for the normalisation to
+    fill. ``reader`` maps a path to (array, nodata): the runtime's fallback chain by
+    default, rasterio in training. ``dtypes``, if given, receives each band's stored dtype.
+    """
     arrays = []
     for band in bands:
         if band not in paths:
             raise TileReadError(f"tile is missing {band} (have {sorted(paths)})")
-        arr, nodata = read_band(paths[band])
-        arr = arr.astype(np.float32)
+        raw, nodata = reader(paths[band])
+        if dtypes is not None:
+            dtypes.append(str(raw.dtype))
+        arr = raw.astype(np.float32)
         if nodata is not None and np.isfinite(nodata):
             arr[arr == np.float32(nodata)] = np.nan
+        arr[~np.isfinite(arr)] = np.nan
         arrays.append(arr)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        detail = ", ".join(f"{b}={a.shape}" for b, a in zip(bands, arrays))
-        raise TileReadError(f"band shapes differ within one tile: {detail}")
+    if len({a.shape for a in arrays}) != 1:
+        detail = "; ".join(f"{paths[b]}: {a.shape[0]}x{a.shape[1]}" for b, a in zip(bands, arrays))
+        raise BandShapeError(f"band shapes differ ({detail}). All bands of a tile must share one grid; "
+                             "resample the odd band or remove the tile.")
     return np.stack(arrays, axis=0)
 
 
@@ -178,6 +192,26 @@ def band_dirs(source: BandSource, bands: Tuple[str, ...] = BAND_FOLDERS) -> Dict
     return out
 
 
+def scan_tiffs(folder: str) -> Tuple[Dict[str, str], List[str]]:
+    """``{tile key: path}`` of the TIFFs in one folder, and the problems seen: stray
+    non-TIFF files (ignored) and duplicate keys (the first file in name order is kept)."""
+    entries: Dict[str, str] = {}
+    problems: List[str] = []
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full) or name.startswith("."):
+            continue
+        if not is_tiff(name):
+            problems.append(f"ignored non-TIFF file {full}")
+            continue
+        key = tile_key(name)
+        if key in entries:
+            problems.append(f"duplicate tile key {key!r} in {folder}: {entries[key]} and {full}")
+            continue
+        entries[key] = full
+    return entries, problems
+
+
 def list_tiles(
     source: BandSource, bands: Tuple[str, ...] = BAND_FOLDERS
 ) -> Tuple[Dict[str, Dict[str, str]], List[str]]:
@@ -197,20 +231,8 @@ def list_tiles(
         )
     per_band: Dict[str, Dict[str, str]] = {}
     for band in bands:
-        entries: Dict[str, str] = {}
-        for name in sorted(os.listdir(dirs[band])):
-            full = os.path.join(dirs[band], name)
-            if not os.path.isfile(full) or name.startswith("."):
-                continue
-            if not is_tiff(name):
-                problems.append(f"ignored non-TIFF file {full}")
-                continue
-            key = tile_key(name)
-            if key in entries:
-                problems.append(f"duplicate tile key {key!r} in {dirs[band]}: {entries[key]} and {full}")
-                continue
-            entries[key] = full
-        per_band[band] = entries
+        per_band[band], found = scan_tiffs(dirs[band])
+        problems += found
     keys: List[str] = list(per_band[bands[0]])
     for band in bands[1:]:
         keys += [k for k in per_band[band] if k not in keys]

@@ -39,6 +39,12 @@ def normalize(image: np.ndarray, stats: Mapping[str, Any]) -> np.ndarray:
     return x
 
 
+def masked_pixels(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels that are 0 in every band, the masked area of the competition's
+    tiles. Statistics skip them and the predictor labels them background."""
+    return np.all(image == 0, axis=0)
+
+
 def invalid_fraction(image: np.ndarray) -> float:
     """Share of pixels that the invalid-pixel rule will fill."""
     return float((~np.isfinite(image)).mean()) if image.size else 0.0

@@ -17,7 +17,7 @@ from . import postprocess
 from .backends import OnnxRunner, TorchRunner, onnxruntime_available
 from .classes import CLASS_VALUES
 from .models import build_model
-from .normalize import normalize
+from .normalize import masked_pixels, normalize
 from .tta import group_views, rescale, resolve_views, scaled_size
 from .window import blend_weight, pad_to_multiple, plan_windows
 
@@ -160,13 +160,14 @@ class Predictor:
             hp, wp = xp.shape[1:]
             window = max(stride, int(self.cfg["window"]) // stride * stride)
             plan = plan_windows(hp, wp, window, float(self.cfg["overlap"]))
+            wh, ww = plan[0][2:]  # every window of a plan has one size
+            wmap = blend_weight(wh, ww) if len(plan) > 1 else np.ones((wh, ww), np.float32)
             if acc is None:
                 acc = np.zeros((member.n_classes, hp, wp), np.float32)
                 norm = np.zeros((hp, wp), np.float32)
             for (y0, x0, wh, ww) in plan:
                 xt = torch.from_numpy(np.ascontiguousarray(xp[:, y0:y0 + wh, x0:x0 + ww]))[None]
                 p = self._views_proba(member, xt, views, scales).numpy()
-                wmap = blend_weight(wh, ww) if len(plan) > 1 else np.ones((wh, ww), np.float32)
                 acc[:, y0:y0 + wh, x0:x0 + ww] += mw * p * wmap
                 norm[y0:y0 + wh, x0:x0 + ww] += mw * wmap
         probs = acc / np.maximum(norm, 1e-12)
@@ -176,7 +177,7 @@ class Predictor:
         """Pixels zero in every band: the masked area of the competition's tiles."""
         if not self.cfg.get("masked_background", True):
             return None
-        m = np.all(image == 0, axis=0)
+        m = masked_pixels(image)
         return m if m.any() else None
 
     def decide(self, probs: np.ndarray, masked: Optional[np.ndarray] = None) -> np.ndarray:

@@ -6,6 +6,8 @@ from typing import Dict, Iterable, Sequence
 
 import numpy as np
 
+from solution.normalize import masked_pixels
+
 
 def compute_stats(
     images: Iterable[np.ndarray],
@@ -32,7 +34,7 @@ def compute_stats(
         if img.ndim != 3 or img.shape[0] != n:
             raise ValueError(f"expected ({n}, H, W) tiles for bands {list(band_names)}, got {img.shape}")
         count += 1
-        keep = ~np.all(img == 0, axis=0).reshape(-1) if ignore_masked else np.ones(img[0].size, bool)
+        keep = ~masked_pixels(img).reshape(-1) if ignore_masked else np.ones(img[0].size, bool)
         for b in range(n):
             v = img[b].reshape(-1)[keep]
             v = v[np.isfinite(v)]

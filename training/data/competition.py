@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from solution.classes import BINARY_CLASS_NAMES, CLASS_NAMES, CLASS_VALUES
-from solution.io import BAND_FOLDERS, TileReadError, is_tiff, list_tiles, tile_key
+from solution.io import BAND_FOLDERS, BandShapeError, TileReadError, list_tiles, read_tile, scan_tiffs
 
 log = logging.getLogger("glacier.data")
 
@@ -154,14 +154,8 @@ class CompetitionDataset:
         )
         labels: Dict[str, str] = {}
         if label_dir is not None:
-            for name in sorted(os.listdir(label_dir)):
-                full = os.path.join(label_dir, name)
-                if not os.path.isfile(full) or name.startswith("."):
-                    continue
-                if not is_tiff(name):
-                    self.problems.append(f"ignored non-TIFF file {full}")
-                    continue
-                labels[tile_key(name)] = full
+            labels, found = scan_tiffs(label_dir)
+            self.problems.extend(found)
         elif require_labels:
             raise DataError(
                 f"{self.root} has no label/ folder; training needs masks in label/ "
@@ -241,23 +235,11 @@ class CompetitionDataset:
 
     def _read_image(self, key: str) -> np.ndarray:
         info = self.tiles[key]
-        arrays, dtypes = [], []
-        for band in self.bands:
-            raw, nodata = read_raster(info.bands[band])
-            dtypes.append(str(raw.dtype))
-            arr = raw.astype(np.float32)
-            if nodata is not None and np.isfinite(nodata):
-                arr[raw == nodata] = np.nan
-            arr[~np.isfinite(arr)] = np.nan
-            arrays.append(arr)
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            detail = "; ".join(f"{info.bands[b]}: {a.shape[0]}x{a.shape[1]}" for b, a in zip(self.bands, arrays))
-            raise DataError(
-                f"tile {key!r}: band shapes differ ({detail}). All bands of a tile must share one grid; "
-                "resample the odd band or remove the tile."
-            )
-        img = np.stack(arrays)
+        dtypes: List[str] = []
+        try:
+            img = read_tile(info.bands, self.bands, reader=read_raster, dtypes=dtypes)
+        except BandShapeError as exc:
+            raise DataError(f"tile {key!r}: {exc}") from exc
         info.shape = img.shape[1:]
         info.dtypes = dtypes
         info.invalid_pixels = int(np.isnan(img).any(axis=0).sum())
