@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import write_result  # noqa: E402
 
-from solution.backends import OnnxRunner, TorchRunner, onnxruntime_available  # noqa: E402
-from solution.models import build_model  # noqa: E402
-from solution.normalize import identity_stats  # noqa: E402
-from solution.predictor import Member, Predictor  # noqa: E402
-from solution.tta import resolve_views  # noqa: E402
+from glacier_runtime.backends import OnnxRunner, TorchRunner, onnxruntime_available  # noqa: E402
+from glacier_runtime.models import build_model  # noqa: E402
+from glacier_runtime.normalize import identity_stats  # noqa: E402
+from glacier_runtime.predictor import Member, Predictor  # noqa: E402
+from glacier_runtime.tta import resolve_views  # noqa: E402
 
 
 def conv_flops(model: torch.nn.Module, shape) -> float:

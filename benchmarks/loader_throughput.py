@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import write_result  # noqa: E402
 
-from solution.normalize import normalize  # noqa: E402
+from glacier_runtime.normalize import normalize  # noqa: E402
 from training.augment import build_augment  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data.competition import CompetitionDataset  # noqa: E402

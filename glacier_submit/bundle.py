@@ -18,9 +18,9 @@ import torch
 
 from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
-from solution.io import atomic_write_bytes
-from solution.predictor import Predictor
-from solution.tta import resolve_views
+from glacier_runtime.atomic import atomic_write_bytes
+from glacier_runtime.predictor import Predictor
+from glacier_runtime.tta import resolve_views
 
 log = logging.getLogger("glacier.build")
 MB = 1024 * 1024
@@ -38,7 +38,7 @@ def load_postprocess(preset: Optional[str]) -> List[Dict[str, Any]]:
     """A preset name from configs/postprocess/ or a YAML path -> rule list."""
     import yaml
 
-    from solution.postprocess import validate_rules
+    from glacier_runtime.postprocess import validate_rules
 
     if not preset or preset == "none":
         return []
@@ -60,7 +60,7 @@ def serialise(payload: Dict[str, Any]) -> bytes:
 def check_tile(data: Optional[str] = None, size: Tuple[int, int] = (512, 512)) -> np.ndarray:
     """A real tile from ``data`` if given, else a synthetic 512x512 scene tile."""
     if data:
-        from solution.io import list_tiles, read_tile
+        from glacier_runtime.tiles import list_tiles, read_tile
 
         tiles, _ = list_tiles(data)
         for paths in tiles.values():

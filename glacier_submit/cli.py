@@ -19,7 +19,7 @@ def _floats(text: Optional[str], name: str) -> Optional[List[float]]:
 
 
 def _tta(text: str):
-    from solution.tta import PRESETS, resolve_views
+    from glacier_runtime.tta import PRESETS, resolve_views
 
     value = text if text in PRESETS else [t.strip() for t in text.split(",") if t.strip()]
     try:
@@ -92,6 +92,7 @@ def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, 
 @click.option("--fp16", is_flag=True, help="Also write NAME.fp16.onnx and report its class agreement.")
 def export(models, out, fp16):
     """Export members to ONNX (opset 17, dynamic batch/height/width) with a parity check."""
+    from glacier_runtime.atomic import atomic_write_bytes
     from glacier_submit.export import ExportError, export_member
     from glacier_submit.members import load_members
 
@@ -101,13 +102,11 @@ def export(models, out, fp16):
             res = export_member(e)
         except ExportError as exc:
             raise click.ClickException(str(exc)) from exc
-        with open(os.path.join(out, f"{e['name']}.onnx"), "wb") as fh:
-            fh.write(res["onnx"])
+        atomic_write_bytes(os.path.join(out, f"{e['name']}.onnx"), res["onnx"])
         line = f"{e['name']}: max |torch - onnx| {res['parity']['max_abs_diff']:.2e}"
         if fp16:
             r16 = export_member(e, fp16=True)
-            with open(os.path.join(out, f"{e['name']}.fp16.onnx"), "wb") as fh:
-                fh.write(r16["onnx"])
+            atomic_write_bytes(os.path.join(out, f"{e['name']}.fp16.onnx"), r16["onnx"])
             line += f"; fp16 class agreement {r16['parity_fp16']['class_agreement'] * 100:.3f} %"
         click.echo(line)
 
@@ -128,8 +127,8 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
     """Predict masks with members or a bundle (the same runtime the bundle ships)."""
     from glacier_submit.bundle import load_postprocess
     from glacier_submit.members import load_members, make_payload
-    from solution.platform import predict_folder
-    from solution.predictor import Predictor, load_payload
+    from glacier_runtime.entry import predict_folder
+    from glacier_runtime.predictor import Predictor, load_payload
 
     if bool(models) == bool(bundle):
         raise click.UsageError("give either --models or --bundle")

@@ -13,7 +13,7 @@ import numpy as np
 from glacier_submit.sandbox import RunResult, run_bundle
 from training.data.competition import CompetitionDataset
 from training.metrics import ConfusionAccumulator
-from solution.io import tile_id
+from glacier_runtime.tiles import tile_id
 
 
 class EvaluateError(RuntimeError):
@@ -99,7 +99,7 @@ def score(ds: CompetitionDataset, keys: Sequence[str], masks: Dict[str, np.ndarr
 def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest: Dict[str, Any],
               device: str = "cpu") -> List[Dict[str, Any]]:
     """MCC and time of variants built from the same members (in-process, same runtime code)."""
-    from solution.predictor import Predictor, load_payload
+    from glacier_runtime.predictor import Predictor, load_payload
 
     payload = load_payload(os.path.join(bundle, "model.pth"))
     base_inf = payload["inference"]
@@ -210,7 +210,7 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
 
 
 def _write_json(path: str, obj: Dict[str, Any]) -> None:
-    from solution.io import atomic_write_bytes
+    from glacier_runtime.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
 

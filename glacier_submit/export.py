@@ -17,7 +17,7 @@ class ExportError(RuntimeError):
 
 def torch_model_for(entry: Dict[str, Any]) -> torch.nn.Module:
     """The member as a torch module: the runtime's pure-torch twin, else smp."""
-    from solution.models import UnsupportedArchitecture, build_model
+    from glacier_runtime.models import UnsupportedArchitecture, build_model
 
     try:
         model = build_model(entry["spec"])
@@ -66,7 +66,7 @@ def to_fp16(model_bytes: bytes) -> bytes:
 
 def parity(model: torch.nn.Module, onnx_bytes: bytes, in_channels: int, size=(96, 128), seed: int = 0) -> Dict[str, float]:
     """Max |logit difference| and class agreement between torch and ONNX Runtime (CPU)."""
-    from solution.backends import OnnxRunner
+    from glacier_runtime.backends import OnnxRunner
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, in_channels, *size, generator=g)

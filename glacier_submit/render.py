@@ -1,4 +1,4 @@
-"""Render ``solution.py``: the modules of ``solution/`` embedded verbatim (one source of
+"""Render ``solution.py``: the modules of ``glacier_runtime/`` embedded verbatim (one source of
 truth) under a private package name, plus the platform's entry points."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import time
 from typing import Dict, List, Optional
 
-import solution as _runtime_pkg
+import glacier_runtime as _runtime_pkg
 
 PRIVATE_NAME = "_glacier_runtime"
 RUNTIME_DIR = os.path.dirname(os.path.abspath(_runtime_pkg.__file__))
@@ -50,8 +50,8 @@ class _EmbeddedRuntime(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 if not any(isinstance(f, _EmbeddedRuntime) for f in sys.meta_path):
     sys.meta_path.insert(0, _EmbeddedRuntime())
 
-_platform = importlib.import_module(_PKG + ".platform")
-_platform.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
+_entry = importlib.import_module(_PKG + ".entry")
+_entry.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def maskgeration(imagepath, out_dir=None):
@@ -60,11 +60,11 @@ def maskgeration(imagepath, out_dir=None):
     ``out_dir``: a folder to write masks into, or the path of model.pth. Returns
     ``{{tile_id: uint8 mask with values 0/85/170/255}}``.
     """
-    return _platform.maskgeration(imagepath, out_dir)
+    return _entry.maskgeration(imagepath, out_dir)
 
 
 def main():
-    _platform.main()
+    _entry.main()
 
 
 if __name__ == "__main__":
@@ -73,7 +73,7 @@ if __name__ == "__main__":
 
 
 def runtime_sources() -> Dict[str, str]:
-    """Relative module name -> source text for every module of ``solution/``."""
+    """Relative module name -> source text for every module of ``glacier_runtime/``."""
     out: Dict[str, str] = {}
     for folder, _, files in os.walk(RUNTIME_DIR):
         for f in sorted(files):
@@ -98,9 +98,9 @@ def render_solution(version: str, pip_packages: Optional[List[str]] = None, embe
     if embedded is not None:
         b64 = base64.b64encode(embedded).decode("ascii")
         text = text.replace(
-            "_platform.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))\n",
-            "_platform.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))\n"
+            "_entry.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))\n",
+            "_entry.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))\n"
             "import base64 as _b64\n"
             "_EMBEDDED_MODEL = " + repr(b64) + "\n"
-            "_platform.EMBEDDED_MODEL = _b64.b64decode(_EMBEDDED_MODEL)\n", 1)
+            "_entry.EMBEDDED_MODEL = _b64.b64decode(_EMBEDDED_MODEL)\n", 1)
     return text

@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from glacier_runtime.atomic import atomic_write_text, atomic_write_with
+
 COLOURS = np.array([[40, 40, 40], [120, 200, 255], [190, 120, 50], [20, 60, 230]], np.uint8)
 
 
@@ -44,7 +46,7 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
                 ax.axis("off")
         fig.tight_layout()
         p = os.path.join(fig_dir, "tiles.png")
-        fig.savefig(p, dpi=80)
+        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=80))
         plt.close(fig)
         figs.append(p)
     if "confusion" in r:
@@ -63,7 +65,7 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
         ax.set_title(f"confusion (row-normalised), MCC {r['mcc']:.4f}")
         fig.tight_layout()
         p = os.path.join(fig_dir, "confusion.png")
-        fig.savefig(p, dpi=90)
+        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=90))
         plt.close(fig)
         figs.append(p)
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -76,7 +78,7 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
         ax.set_title("per-class scores")
         fig.tight_layout()
         p = os.path.join(fig_dir, "per_class.png")
-        fig.savefig(p, dpi=90)
+        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=90))
         plt.close(fig)
         figs.append(p)
     _write_md_html(out, r, manifest, figs)
@@ -99,12 +101,11 @@ def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: 
                f"{v['delta_seconds']:+.2f} | {v['views']} |" for v in r["ablations"]]
         md.append("")
     md += [f"![{os.path.basename(f)}]({f})" for f in rel]
-    with open(os.path.join(out, "report.md"), "w") as fh:
-        fh.write("\n".join(md) + "\n")
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(md) + "\n")
     body = ["<h1>Evaluation report</h1>"]
     if r.get("leaky"):
         body.append("<p style='color:#b00'><b>LEAKY EVALUATION</b>: members trained on evaluated tiles.</p>")
     body.append("<pre>" + html.escape(render_report(r)) + "</pre>")
     body += [f"<img src='{html.escape(f)}' style='max-width:100%'>" for f in rel]
-    with open(os.path.join(out, "report.html"), "w") as fh:
-        fh.write("<!doctype html><meta charset='utf-8'><title>glacier evaluation</title>" + "\n".join(body))
+    atomic_write_text(os.path.join(out, "report.html"),
+                      "<!doctype html><meta charset='utf-8'><title>glacier evaluation</title>" + "\n".join(body))

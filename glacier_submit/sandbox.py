@@ -17,7 +17,7 @@ import numpy as np
 
 CONVENTIONS = ("imagepath", "data-dict", "import-call")
 BLOCKED = ("segmentation_models_pytorch", "scipy", "onnx", "rasterio", "albumentations", "click", "yaml",
-           "pydantic", "timm", "training", "glacier_submit", "solution", "sklearn", "matplotlib", "onnxscript")
+           "pydantic", "timm", "training", "glacier_submit", "glacier_runtime", "sklearn", "matplotlib", "onnxscript")
 
 _HARNESS = r'''
 import importlib.abc, importlib.util, json, os, sys, time
@@ -81,7 +81,7 @@ class RunResult:
 
 def _read_masks(out_dir: str, convention: str) -> Dict[str, np.ndarray]:
     """Masks as the platform would see them, keyed by the platform's tile id."""
-    from solution.io import read_band, tile_id
+    from glacier_runtime.tiles import read_band, tile_id
 
     masks: Dict[str, np.ndarray] = {}
     if convention == "import-call":

@@ -60,8 +60,8 @@ def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "
     """A tiny member checkpoint in the training format, with random weights (no training)."""
     import torch
 
-    from solution.classes import class_map
-    from solution.models import build_model
+    from glacier_runtime.classes import class_map
+    from glacier_runtime.models import build_model
     from training.checkpoint import FORMAT, save_atomic
 
     torch.manual_seed(seed)

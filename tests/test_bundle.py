@@ -12,8 +12,8 @@ import torch
 from glacier_submit.bundle import BudgetError, build, candidate_settings
 from glacier_submit.members import load_members
 from glacier_submit.sandbox import CONVENTIONS, run_bundle
-from solution.platform import predict_folder
-from solution.predictor import Predictor, load_payload
+from glacier_runtime.entry import predict_folder
+from glacier_runtime.predictor import Predictor, load_payload
 from tests.conftest import make_member
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

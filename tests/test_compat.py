@@ -8,8 +8,8 @@ import pytest
 
 from glacier_submit.bundle import build
 from glacier_submit.sandbox import CONVENTIONS, run_bundle
-from solution.platform import predict_folder
-from solution.predictor import Predictor, load_payload
+from glacier_runtime.entry import predict_folder
+from glacier_runtime.predictor import Predictor, load_payload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY39 = os.environ.get("GLACIER_PY39", os.path.join(ROOT, ".venv39", "bin", "python"))

@@ -11,7 +11,7 @@ pytest.importorskip("onnx")
 from glacier_submit.bundle import build  # noqa: E402
 from glacier_submit.export import ExportError, export_member, export_onnx  # noqa: E402
 from glacier_submit.members import load_members  # noqa: E402
-from solution.predictor import Predictor, load_payload  # noqa: E402
+from glacier_runtime.predictor import Predictor, load_payload  # noqa: E402
 
 
 def test_onnx_parity_fp32_and_fp16(tiny_members):
@@ -22,7 +22,7 @@ def test_onnx_parity_fp32_and_fp16(tiny_members):
 
 
 def test_dynamic_shapes(tiny_members):
-    from solution.backends import OnnxRunner
+    from glacier_runtime.backends import OnnxRunner
     from glacier_submit.export import torch_model_for
 
     e = load_members(tiny_members[:1])[0]

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from solution.io import TileReadError, list_tiles, read_band, read_tile, tile_id, tile_key
+from glacier_runtime.tiles import TileReadError, list_tiles, read_band, read_tile, tile_id, tile_key
 from tests.conftest import make_tile, write_geotiff
 from training.data.competition import CompetitionDataset, DataError, LabelError, decode_label
 

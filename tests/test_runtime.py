@@ -6,13 +6,13 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solution import postprocess
-from solution.backends import TorchRunner, fold_batchnorm
-from solution.models import UnsupportedArchitecture, build_model
-from solution.normalize import identity_stats
-from solution.predictor import Member, Predictor
-from solution.tta import D4, group_views, resolve_views
-from solution.window import blend_weight, pad_to_multiple, plan_windows, window_starts
+from glacier_runtime import postprocess
+from glacier_runtime.backends import TorchRunner, fold_batchnorm
+from glacier_runtime.models import UnsupportedArchitecture, build_model
+from glacier_runtime.normalize import identity_stats
+from glacier_runtime.predictor import Member, Predictor
+from glacier_runtime.tta import D4, group_views, resolve_views
+from glacier_runtime.window import blend_weight, pad_to_multiple, plan_windows, window_starts
 
 
 def _randomise_bn(model):

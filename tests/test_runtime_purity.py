@@ -1,4 +1,4 @@
-"""solution/ imports only what the platform has and is Python 3.9 syntax."""
+"""glacier_runtime/ imports only what the platform has and is Python 3.9 syntax."""
 import ast
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNTIME = os.path.join(ROOT, "solution")
+RUNTIME = os.path.join(ROOT, "glacier_runtime")
 ALLOWED = {"numpy", "torch", "cv2", "tifffile", "PIL", "tqdm", "onnxruntime"}
 STDLIB = set(sys.stdlib_module_names)
 

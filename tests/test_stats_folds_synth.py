@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from solution.normalize import normalize
+from glacier_runtime.normalize import normalize
 from training.data.competition import CompetitionDataset
 from training.data.synth import generate_dataset, generate_scene
 from training.folds import make_folds, spatial_groups

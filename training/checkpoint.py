@@ -8,7 +8,6 @@ metric history, best validation MCC, config and code version.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict
 
 import torch
@@ -18,7 +17,7 @@ REQUIRED = ("format", "spec", "state_dict", "bands", "stats", "class_map", "fold
 
 
 def code_version() -> str:
-    from solution import __version__
+    from glacier_runtime import __version__
 
     try:
         import subprocess
@@ -31,17 +30,10 @@ def code_version() -> str:
 
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through the one atomic writer (fsync + rename)."""
+    from glacier_runtime.atomic import atomic_write_with
+
+    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CheckpointError(ValueError):

@@ -70,13 +70,13 @@ LABEL_MODE = click.option("--label-mode", type=click.Choice(["multiclass", "bina
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the inspection as JSON.")
 def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
     """Print tiles, sizes, dtypes, band statistics, class shares and every problem found."""
-    from training.inspect import inspect_dataset, render_inspection
+    from training.inspection import inspect_dataset, render_inspection
 
     ds = _open(data, label_mode, require_labels=False)
     report = inspect_dataset(ds)
     click.echo(render_inspection(report))
     if json_out:
-        from solution.io import atomic_write_bytes
+        from glacier_runtime.atomic import atomic_write_bytes
 
         atomic_write_bytes(json_out, json.dumps(report, indent=2).encode())
     if report["errors"]:

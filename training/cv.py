@@ -33,7 +33,7 @@ def member_path(out: str, fold: int, seed: int) -> str:
 
 def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[float]:
     """MCC of out-of-fold predictions over every training tile (mean over seeds' probs)."""
-    from solution.normalize import masked_pixels
+    from glacier_runtime.normalize import masked_pixels
     from training.metrics import ConfusionAccumulator
 
     acc = ConfusionAccumulator(len(dataset.class_names))
@@ -152,7 +152,7 @@ def run_cv(config: str, data: str, folds_path: str, seeds: Sequence[int], out: s
     if not ctx.is_main:
         return {}
     summary = summarise(out, [(f, s) for f in [x["fold"] for x in folds["folds"]] for s in seeds], folds, dataset, seeds)
-    from solution.io import atomic_write_bytes
+    from glacier_runtime.atomic import atomic_write_bytes
 
     atomic_write_bytes(os.path.join(out, "cv_summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     table = render_summary(summary)

@@ -102,7 +102,7 @@ def make_folds(
 
 
 def save_folds(folds: Dict, path: str) -> None:
-    from solution.io import atomic_write_bytes
+    from glacier_runtime.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(folds, indent=2) + "\n").encode())
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from solution.backends import TorchRunner
-from solution.classes import class_map
-from solution.normalize import normalize
-from solution.predictor import Member, Predictor
+from glacier_runtime.atomic import atomic_write_with
+from glacier_runtime.backends import TorchRunner
+from glacier_runtime.classes import class_map
+from glacier_runtime.normalize import normalize
+from glacier_runtime.predictor import Member, Predictor
 from training.augment import build_augment
 from training.checkpoint import FORMAT, code_version, save_atomic
 from training.config import Config
@@ -119,7 +120,7 @@ def validate(model: torch.nn.Module, images: Dict[str, np.ndarray], labels: Dict
 
 
 def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
-    from solution.io import atomic_write_bytes
+    from glacier_runtime.atomic import atomic_write_bytes
 
     if not history:
         return
@@ -346,9 +347,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
             os.makedirs(lab_dir, exist_ok=True)
             for key, p in probs.items():
                 for folder, arr in ((oof_dir, p), (lab_dir, val_labels[key])):
-                    tmp = os.path.join(folder, f".{key}.tmp.npy")
-                    np.save(tmp, arr)
-                    os.replace(tmp, os.path.join(folder, f"{key}.npy"))
+                    atomic_write_with(os.path.join(folder, f"{key}.npy"), lambda tmp, a=arr: np.save(tmp, a))
         final = {**best, "history": history, "per_class": per_class, "per_tile_mcc": per_tile,
                  "val_mcc": best.get("best_mcc"), "best_epoch": best.get("epoch"),
                  "epochs_run": len(history), "stopped_early": stopped_early,

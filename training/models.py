@@ -9,8 +9,8 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
-from solution.models import SUPPORTED_ARCHS
-from solution.models.unet import SUPPORTED_ENCODERS
+from glacier_runtime.models import SUPPORTED_ARCHS
+from glacier_runtime.models.unet import SUPPORTED_ENCODERS
 
 log = logging.getLogger("glacier.train")
 

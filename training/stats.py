@@ -1,12 +1,12 @@
 """Robust per-band normalisation statistics from a given set of tiles (a fold's training
-tiles only). Applied by ``solution.normalize.normalize`` (one source of truth)."""
+tiles only). Applied by ``glacier_runtime.normalize.normalize`` (one source of truth)."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Sequence
 
 import numpy as np
 
-from solution.normalize import masked_pixels
+from glacier_runtime.normalize import masked_pixels
 
 
 def compute_stats(

@@ -3,7 +3,7 @@
 Tolerant behaviour (documented in docs/DATA.md): stray non-TIFF files are ignored with a
 warning; a tile missing a band or its label is skipped with a warning; invalid pixels
 (NaN, +-inf, the file's nodata value) are kept as NaN here and counted, and the
-normalisation fills them (see ``solution.normalize``). Everything else (unreadable file,
+normalisation fills them (see ``glacier_runtime.normalize``). Everything else (unreadable file,
 band shapes that differ, unknown label values, an empty folder) is an error that names
 the file, the value and the fix.
 """
@@ -18,8 +18,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from solution.classes import BINARY_CLASS_NAMES, CLASS_NAMES, CLASS_VALUES
-from solution.io import BAND_FOLDERS, BandShapeError, TileReadError, list_tiles, read_tile, scan_tiffs
+from glacier_runtime.atomic import atomic_write_with
+from glacier_runtime.classes import BINARY_CLASS_NAMES, CLASS_NAMES, CLASS_VALUES
+from glacier_runtime.tiles import BAND_FOLDERS, BandShapeError, TileReadError, list_tiles, read_tile, scan_tiffs
 
 log = logging.getLogger("glacier.data")
 
@@ -41,7 +42,7 @@ def read_raster(path: str) -> Tuple[np.ndarray, Optional[float]]:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
     except ImportError:  # training extra not installed: the runtime reader still works
-        from solution.io import read_band
+        from glacier_runtime.tiles import read_band
 
         return read_band(path)
     try:
@@ -215,10 +216,7 @@ class CompetitionDataset:
                 pass
         arr = make()
         if path:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = path + f".{os.getpid()}.tmp.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            atomic_write_with(path, lambda tmp: np.save(tmp, arr))
         return arr
 
     def image(self, key: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from solution.classes import CLASS_VALUES
+from glacier_runtime.classes import CLASS_VALUES
 
 TRAIN_NAMES = ("B2_B2_masked_{id}.tif", "B3_B3_masked_{id}.tif", "B4_B4_masked_{id}.tif",
                "B6_B6_masked_{id}.tif", "B10_B10_masked_{id}.tif")

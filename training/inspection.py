@@ -6,7 +6,7 @@ from typing import Dict, List
 import numpy as np
 
 from training.data.competition import CompetitionDataset, DataError
-from solution.io import TileReadError
+from glacier_runtime.tiles import TileReadError
 
 
 def inspect_dataset(ds: CompetitionDataset) -> Dict:

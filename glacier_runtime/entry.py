@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .io import BAND_FOLDERS, TileReadError, list_tiles, read_band, read_tile, tile_id, write_mask
+from .tiles import BAND_FOLDERS, TileReadError, list_tiles, read_band, read_tile, tile_id, write_mask
 
 log = logging.getLogger("glacier.runtime")
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-log = logging.getLogger("glacier.io")
+from .atomic import atomic_write_bytes
+
+log = logging.getLogger("glacier.tiles")
 
 BAND_FOLDERS: Tuple[str, ...] = ("Band1", "Band2", "Band3", "Band4", "Band5")
 TIFF_SUFFIXES: Tuple[str, ...] = (".tif", ".tiff")
@@ -244,21 +245,6 @@ def list_tiles(
             problems.append(f"tile {key!r} is missing {lacking}")
         tiles[key] = paths
     return tiles, problems
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and rename (no torn files)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_mask(path: str, mask: np.ndarray) -> None:
