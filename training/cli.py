@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import click
 
+from glacier_cli.argv import expand_multi
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -110,28 +112,19 @@ def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -
 
 
 # Registered here so `glacier-train --help` lists them; implemented in training.cv.
-try:  # pragma: no cover - import guard for environments without the training extra
-    from training.cv import cv_command, pretrain_command  # noqa: E402
+from training.cv import cv_command, pretrain_command  # noqa: E402
 
-    cli.add_command(cv_command)
-    if pretrain_command is not None:
-        cli.add_command(pretrain_command)
-except ImportError as _exc:  # noqa: F841
-    pass
+cli.add_command(cv_command)
+cli.add_command(pretrain_command)
 
-
+#: Options that take several space-separated values (``--seeds 0 1 2``).
 MULTI_VALUE_OPTIONS = ("--seeds",)
-
-
-def expand_multi(argv, names=MULTI_VALUE_OPTIONS):
-    from training.argv import expand_multi as _expand
-
-    return _expand(argv, names)
 
 
 def main(argv=None) -> None:
     """Console entry point."""
-    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv)), prog_name="glacier-train")
+    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv), MULTI_VALUE_OPTIONS),
+             prog_name="glacier-train")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from glacier_runtime.backends import TorchRunner
 from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
 from glacier_runtime.predictor import Member, Predictor
+from glacier_runtime.tiles import BAND_FOLDERS
 from training.augment import build_augment
 from training.checkpoint import FORMAT, code_version, save_atomic
 from training.config import Config
@@ -111,10 +112,7 @@ def validate(model: torch.nn.Module, images: Dict[str, np.ndarray], labels: Dict
         ids = pred.decide(probs, masked)
         per_tile[key] = acc.update(labels[key], ids)
         if keep_probs:
-            if masked is not None:  # saved as the runtime decides them: masked -> background
-                probs[:, masked] = 0.0
-                probs[0, masked] = 1.0
-            probs_out[key] = probs.astype(np.float16)
+            probs_out[key] = pred.masked_to_background(probs, masked).astype(np.float16)
     model.train(was_training)
     return acc, per_tile, probs_out
 
@@ -136,7 +134,7 @@ def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
 def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str], fold: int, seed: int,
                  out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
                  progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 stop_after_epoch: Optional[int] = None, save_oof: bool = True) -> Dict[str, Any]:
+                 save_oof: bool = True) -> Dict[str, Any]:
     """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut."""
     ctx = ctx or DistContext()
     device = ctx.device
@@ -226,7 +224,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
 
     meta = {
         "format": FORMAT, "spec": spec, "sensor": cfg.data.sensor, "bands": list(cfg.data.bands),
-        "folders": ["Band1", "Band2", "Band3", "Band4", "Band5"][: len(cfg.data.bands)],
+        "folders": list(BAND_FOLDERS[: len(cfg.data.bands)]),
         "stats": stats, "class_map": class_map(cfg.data.label_mode == "binary"), "fold": fold, "seed": seed,
         "train_tiles": list(train_keys), "val_tiles": list(val_keys), "config": cfg.model_dump(),
         "code_version": code_version(), "class_shares_train": shares.tolist(),
@@ -325,8 +323,6 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
             stopped_early = True
             break
         ctx.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
     if bar is not None:
         bar.close()
 
