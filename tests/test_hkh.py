@@ -101,6 +101,8 @@ def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
     ck = torch.load(out, weights_only=False)
     assert ck["bands"] == ["B1", "B2", "B3", "B5", "B6_high"] and ck["sensor"] == "L7"
     assert ck["spec"]["in_channels"] == 5
+    assert ck["kind"] == "pretrain"  # the build never takes it as an ensemble member
+    assert "epoch 2/2" in r.stdout   # per-epoch lines through a pipe
     from training.config import load_config
     from training.transfer import load_init_state
 
