@@ -52,7 +52,7 @@ def uninterrupted(synth_data, folds_file, tmp_path_factory):
     return out, r.stdout
 
 
-def test_cv_outputs(uninterrupted, folds_file):
+def test_cv_outputs(uninterrupted, folds_file, synth_data):
     out, stdout = uninterrupted
     ck = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
     assert all(k in ck for k in REQUIRED)
@@ -68,6 +68,26 @@ def test_cv_outputs(uninterrupted, folds_file):
         arr = np.load(os.path.join(out, "oof", "fold0_seed0", f"{key}.npy"))
         assert arr.dtype == np.float16 and arr.shape[0] == 4
     assert os.path.exists(os.path.join(out, "logs", "fold0_seed0.csv"))
+    # pooled OOF per-class recall/IoU against sklearn on the saved OOF arrays and labels
+    from sklearn.metrics import jaccard_score, recall_score
+
+    from training.data.competition import CompetitionDataset
+
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    t = np.concatenate([ds.label(k).ravel() for k in ck["val_tiles"]])
+    p = np.concatenate([np.load(os.path.join(out, "oof", "fold0_seed0", f"{k}.npy")).astype(np.float32).argmax(0).ravel()
+                        for k in ck["val_tiles"]])
+    present = [c for c in range(4) if (t == c).any()]
+    got = {c["class"]: c for c in summary["oof_per_class"]}
+    names = summary["class_names"]
+    for c, r in zip(present, recall_score(t, p, labels=present, average=None, zero_division=0)):
+        assert got[names[c]]["recall"] == pytest.approx(r, abs=1e-9)
+    for c, j in zip(present, jaccard_score(t, p, labels=present, average=None, zero_division=0)):
+        assert got[names[c]]["iou"] == pytest.approx(j, abs=1e-9)
+    assert summary["grade"]["grade"] in ("below pass", "pass", "good", "excellent")
+    log = open(os.path.join(out, "training_log.txt")).read()
+    assert "grade:" in log and "mean_fold_mcc" in log and "IoU" in log
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     assert not os.path.exists(os.path.join(out, ".work", "fold0_seed0", "last.pt"))
     assert "val MCC" in stdout
 
