@@ -103,6 +103,9 @@ def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
     assert ck["spec"]["in_channels"] == 5
     assert ck["kind"] == "pretrain"  # the build never takes it as an ensemble member
     assert "epoch 2/2" in r.stdout   # per-epoch lines through a pipe
+    assert "grade against the pre-training targets" in r.stdout
+    log = open(out + ".log.txt").read()
+    assert "checkpoint_mb" in log and "min_class_iou" in log and "grade:" in log
     from training.config import load_config
     from training.transfer import load_init_state
 

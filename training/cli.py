@@ -200,10 +200,10 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
     if res:
         click.echo(f"wrote {out}: val MCC {res['val_mcc']:.4f} on {res['val_patches']} HKH patches "
                    f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
+        if res.get("grade"):
+            click.echo(f"grade against the pre-training targets: {res['grade']['grade']} "
+                       f"(every criterion: {res['log_path']})")
 
-
-cli.add_command(cv_command)
-cli.add_command(pretrain_command)
 
 cli.add_command(cv_command)
 cli.add_command(pretrain_command)

@@ -37,6 +37,40 @@ def pretrain(config: str, data: str, out: str, seed: int = 0, val_patches: int =
             remove_stale_temps(out + ".work")
         res = train_member(cfg, source, train_keys, val_keys, fold=-1, seed=seed, out_path=out,
                            work_dir=out + ".work", ctx=ctx, progress=progress, save_oof=False, kind="pretrain")
-        return {**res, "val_patches": len(val_keys)} if ctx.is_main else {}
+        if not ctx.is_main:
+            return {}
+        res = {**res, "val_patches": len(val_keys)}
+        res.update(write_pretrain_log(out, res))
+        return res
     finally:
         cleanup(ctx)
+
+
+def write_pretrain_log(out: str, res: Dict[str, Any], targets: Optional[str] = None) -> Dict[str, Any]:
+    """Grade a finished pre-training run against ``targets.yaml`` (``pretrain``) and write
+    the plain-text log ``<out>.log.txt``; returns ``{"grade": ..., "log_path": ...}``."""
+    from glacier_runtime.atomic import atomic_write_text
+    from training.checkpoint import load_checkpoint
+    from training.grading import class_facts, grade, load_targets, render_grade, smooth_convergence
+
+    ck = load_checkpoint(out)
+    history = ck.get("history") or []
+    per_class = res.get("per_class") or ck.get("per_class") or []
+    facts: Dict[str, Any] = {"val_mcc": res.get("val_mcc"), "checkpoint_mb": os.path.getsize(out) / 2 ** 20}
+    facts.update(class_facts(per_class))
+    counted = [h["nonfinite_steps"] for h in history if "nonfinite_steps" in h]
+    facts["nonfinite_steps"] = float(sum(counted)) if counted else None  # n/a where not counted
+    smooth = smooth_convergence([h["loss_total"] for h in history if "loss_total" in h])
+    facts["smooth_convergence"] = None if smooth is None else float(smooth)
+    g = grade("pretrain", facts, load_targets(targets) if targets else None)
+    lines = [f"glacier-train pretrain -> {out}", f"val MCC {res.get('val_mcc', float('nan')):.4f} on "
+             f"{res.get('val_patches')} patches, best epoch {res.get('best_epoch')}, {res.get('seconds', 0):.0f} s, "
+             f"{facts['checkpoint_mb']:.1f} MB", "", f"{'class':<12} {'IoU':>7} {'recall':>7} {'precision':>9}"]
+    for c in per_class:
+        lines.append(f"{c['class']:<12} {c.get('iou', float('nan')):>7.3f} {c.get('recall', float('nan')):>7.3f} "
+                     f"{c.get('precision', float('nan')):>9.3f}")
+    lines += ["", "smooth convergence: every epoch's loss finite and no rise above 10 % of the first epoch's loss",
+              "", render_grade(g)]
+    path = out + ".log.txt"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return {"grade": g, "log_path": path}
