@@ -125,6 +125,7 @@ def test_sigkill_and_resume_matches_uninterrupted(uninterrupted, synth_data, fol
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(synth_data, folds_file, tmp_path):
     out = str(tmp_path / "cv_ddp")
     r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out, "--gpus", "2"),
@@ -145,6 +146,7 @@ def test_cv_bad_folds_file(synth_data, tmp_path):
     assert r.returncode != 0 and "99_99" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_fold_parallel_two_workers(synth_data, folds_file, tmp_path):
     out = str(tmp_path / "cv_par")
     cmd = [c for c in _cmd(os.path.join(synth_data, "train"), folds_file, out) if c not in ("--fold",)]

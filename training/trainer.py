@@ -152,7 +152,11 @@ class Trainer:
         if self.init_state is not None:
             model.load_state_dict(self.init_state, strict=False)
         if ctx.enabled and cfg.train.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif ctx.is_main:
+                log.warning("train.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); "
+                            "ignored for this CPU run")
         self.model = model.to(device)
         self.amp = bool(cfg.train.amp and device.type == "cuda")
         self.net = self.model
