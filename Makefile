@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-compat test-slow venv39 clean bench
+.PHONY: setup demo test test-compat test-slow test-all venv39 clean bench
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,13 @@ test-compat: setup venv39
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Every tier this machine supports: fast + slow, compat when .venv39 exists (skipped with the
+# reason otherwise), gpu where CUDA exists (skipped with the reason otherwise).
+test-all: setup
+	@if [ -x .venv39/bin/python ]; then echo "tiers: fast + slow + compat (.venv39)"; \
+	else echo "tiers: fast + slow (no .venv39: compat skipped; make venv39 adds it)"; fi
+	$(PY) -m pytest -m "compat or not compat" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache build *.egg-info

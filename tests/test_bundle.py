@@ -41,7 +41,21 @@ def test_bundle_files_and_manifest(bundle):
         assert sorted(z.namelist()) == ["model.pth", "solution.py"]
 
 
-def test_solution_py_is_py39_and_platform_only(bundle):
+def _embedded_sources(src: str) -> dict:
+    """The runtime modules inside solution.py's ``_SOURCES`` string literals."""
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["_SOURCES"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("solution.py has no _SOURCES table")
+
+
+def test_solution_py_is_py39_and_platform_only(bundle, tmp_path):
+    """The template and the runtime embedded in its string literals: Python 3.9 (vermin)
+    and only the platform's packages (the runtime's import allow-list)."""
+    pytest.importorskip("vermin")
+    from glacier_submit.render import runtime_sources
+    from tests.test_runtime_purity import forbidden_imports, vermin_violations
+
     out, _ = bundle
     src = open(os.path.join(out, "solution.py")).read()
     tree = ast.parse(src, feature_version=(3, 9))
@@ -49,6 +63,17 @@ def test_solution_py_is_py39_and_platform_only(bundle):
     assert names <= {"importlib", "os", "sys", "base64"}
     assert "def maskgeration(imagepath, out_dir=None)" in src and "def main()" in src
     assert all("pip install" not in line for line in src.splitlines()[:15])
+    embedded = _embedded_sources(src)
+    assert embedded == runtime_sources() and "entry" in embedded and "predictor" in embedded
+    pkg = tmp_path / "_glacier_runtime"
+    for rel, text in embedded.items():
+        path = pkg.joinpath(*rel.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        assert not forbidden_imports(text, rel), rel
+        assert "training" not in {m.split(".")[0] for m in forbidden_imports(text, rel)}
+    (tmp_path / "solution.py").write_text(src)
+    assert not vermin_violations(str(tmp_path))
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
@@ -115,6 +140,26 @@ def test_time_budget_drops_tta_in_order(tiny_members, tmp_path):
     m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1e-6)
     assert m["tta"] == ["identity"] and m["scales"] == [1.0]
     assert any("reduced" in n for n in m["notes"]) and any("cheapest" in n for n in m["notes"])
+
+
+def test_time_budget_stops_at_the_first_setting_that_fits(tiny_members, tmp_path, monkeypatch):
+    """A patched timer (0.1 s per forward view) and a 1 s budget: d4 x 2 scales (32 views)
+    and d4 (16) are too slow, flips (6 views for 2 members) fits, so 'none' is never tried."""
+    import glacier_submit.bundle as bundle_mod
+
+    tried = []
+
+    def timer(payload, tile, device="cpu", overrides=None, repeats=1):
+        views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
+        tried.append((overrides["tta"], list(overrides["scales"]), views))
+        return {"load_s": 0.0, "tile_s": 0.1 * views, "views": views}
+
+    monkeypatch.setattr(bundle_mod, "time_predictor", timer)
+    m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1.0, bias="none")
+    assert tried == [("d4", [0.75, 1.0], 32), ("d4", [1.0], 16), ("flips", [1.0], 6)]
+    assert m["tta"] == ["identity", "hflip", "vflip"] and m["scales"] == [1.0]
+    assert any("reduced to 'flips'" in n for n in m["notes"]) and not any("cheapest" in n for n in m["notes"])
+    assert load_payload(str(tmp_path / "tb" / "model.pth"))["inference"]["tta"] == "flips"
 
 
 def test_single_file_bundle(tiny_members, messy_test_data, tmp_path):

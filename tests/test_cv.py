@@ -31,6 +31,19 @@ def _cmd(data, folds, out, *extra):
             "--data", data, "--folds", folds, "--out", out, "--fold", "0", "--device", "cpu", *TINY, *extra]
 
 
+def kill_after_first_epoch(cmd, out) -> str:
+    """Start a CV run, SIGKILL it as soon as fold 0's last.pt exists; returns that path."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, ".work", "fold0_seed0", "last.pt")
+    deadline = time.time() + 240
+    while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return last
+
+
 @pytest.fixture(scope="module")
 def folds_file(synth_data, tmp_path_factory):
     from training.data.competition import CompetitionDataset
@@ -101,18 +114,12 @@ def test_finished_members_are_skipped(uninterrupted, synth_data, folds_file):
     assert os.path.getmtime(os.path.join(out, "fold0_seed0.pt")) == before
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted(uninterrupted, synth_data, folds_file, tmp_path):
     ref_out, _ = uninterrupted
     out = str(tmp_path / "cv_b")
     cmd = _cmd(os.path.join(synth_data, "train"), folds_file, out)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = os.path.join(out, ".work", "fold0_seed0", "last.pt")
-    deadline = time.time() + 240
-    while not os.path.exists(last) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_epoch(cmd, out)
     assert not os.path.exists(os.path.join(out, "fold0_seed0.pt"))
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -126,16 +133,34 @@ def test_sigkill_and_resume_matches_uninterrupted(uninterrupted, synth_data, fol
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes(synth_data, folds_file, tmp_path):
+def test_ddp_two_gloo_processes(uninterrupted, synth_data, folds_file, tmp_path):
+    """Two gloo ranks train one member: the saved member differs from the one-process run
+    of the same seed (each rank sees half the patches: 8 / 2 ranks / batch 4 = one step per
+    epoch instead of two), and the out-of-fold arrays rank 0 saved are that member's own
+    predictions on every validation tile (masked pixels as background)."""
+    from glacier_runtime.predictor import Predictor
+    from glacier_submit.members import load_members, make_payload
+    from training.data.competition import CompetitionDataset
+
     out = str(tmp_path / "cv_ddp")
     r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out, "--gpus", "2"),
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    assert "torch.distributed.run" in r.stdout
-    ck = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
+    assert "torch.distributed.run" in r.stdout and "--nproc_per_node=2" in r.stdout
+    path = os.path.join(out, "fold0_seed0.pt")
+    ck = load_checkpoint(path)
     assert len(ck["history"]) == 3
-    # each rank trained on half the patches: 8 patches / 2 ranks / batch 4 = 1 step per epoch
-    assert os.listdir(os.path.join(out, "oof", "fold0_seed0"))
+    single = load_checkpoint(os.path.join(uninterrupted[0], "fold0_seed0.pt"))
+    assert any(not torch.equal(ck["state_dict"][k], single["state_dict"][k])
+               for k in ck["state_dict"] if ck["state_dict"][k].is_floating_point())
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    pred = Predictor.from_payload(make_payload(load_members([path]), {"tta": "none"}), device="cpu")
+    assert sorted(os.listdir(os.path.join(out, "oof", "fold0_seed0"))) == sorted(f"{k}.npy" for k in ck["val_tiles"])
+    for key in ck["val_tiles"]:
+        img = ds.image(key)
+        want = pred.masked_to_background(pred.predict_proba(img), pred.masked(img))
+        saved = np.load(os.path.join(out, "oof", "fold0_seed0", f"{key}.npy")).astype(np.float32)
+        assert np.abs(saved - want).max() < 2e-2, key
 
 
 def test_cv_bad_folds_file(synth_data, tmp_path):

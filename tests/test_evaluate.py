@@ -43,6 +43,7 @@ def test_clean_evaluation_mcc_equals_direct(eval_setup, tmp_path):
     assert r["seconds_per_tile"] > 0 and r["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
 def test_leaky_evaluation_refused_then_stamped(eval_setup, tmp_path):
     bundle, data, keys = eval_setup
     with pytest.raises(LeakError) as exc:
@@ -73,16 +74,39 @@ def test_timeout_reported(eval_setup, tmp_path):
         evaluate(bundle, os.path.join(data, "unseen"), str(tmp_path / "t"), timeout=0.5)
 
 
+@pytest.mark.slow
 def test_compare_ablations(eval_setup, tmp_path):
+    """Each ablation row's MCC is rescored independently (the runtime's masks, sklearn's
+    MCC over all pixels) and its delta equals the difference of those scores."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from glacier_runtime.predictor import Predictor, load_payload
+
     bundle, data, _ = eval_setup
     r = evaluate(bundle, os.path.join(data, "unseen"), str(tmp_path / "cmp"), compare=True, figures=False)
-    names = [v["variant"] for v in r["ablations"]]
-    assert names[0] == "bundle as built" and "no TTA" in names and "D4" in names
-    assert any("without min_area" in n for n in names) and "bundle as built - no post-processing" in names
-    assert r["ablations"][0]["delta_mcc"] == 0.0
+    rows = {v["variant"]: v for v in r["ablations"]}
+    assert r["ablations"][0]["variant"] == "bundle as built" and "no TTA" in rows and "D4" in rows
+    assert any("without min_area" in n for n in rows) and "bundle as built - no post-processing" in rows
     assert abs(r["ablations"][0]["mcc"] - r["mcc"]) < 1e-12  # in-process == sandboxed bundle
 
+    ds = CompetitionDataset(os.path.join(data, "unseen"))
+    payload = load_payload(os.path.join(bundle, "model.pth"))
+    y = np.concatenate([ds.label(k).ravel() for k in ds.keys])
 
+    def score(overrides):
+        pred = Predictor.from_payload(payload, device="cpu", overrides=overrides)
+        return matthews_corrcoef(y, np.concatenate([pred.predict_ids(ds.image(k)).ravel() for k in ds.keys]))
+
+    base = score({})
+    for name, overrides in (("no TTA", {"tta": "none"}), ("D4", {"tta": "d4"}),
+                            ("bundle as built - no post-processing", {"postprocess": []})):
+        want = score(overrides)
+        assert abs(rows[name]["mcc"] - want) < 1e-9, name
+        assert abs(rows[name]["delta_mcc"] - (want - base)) < 1e-9, name
+    assert len({round(v["mcc"], 9) for v in r["ablations"]}) > 1  # the variants really differ
+
+
+@pytest.mark.slow
 def test_predict_only_without_labels(eval_setup, tmp_path):
     bundle, data, _ = eval_setup
     nolab = tmp_path / "nolab"

@@ -76,19 +76,38 @@ def test_class_mapping(tmp_path):
 
 
 def test_memory_mapped_reads_only_selected(fake_hkh, monkeypatch):
-    calls = []
+    """Every file is opened as a memory map and only the selected channels are indexed out
+    of it: materialising a whole array fails the test."""
     orig = np.load
+    keys = []
+
+    class Guard:
+        def __init__(self, arr):
+            self._arr = arr
+            self.shape, self.ndim = arr.shape, arr.ndim
+
+        def __getitem__(self, key):
+            keys.append(key)
+            return self._arr[key]
+
+        def __array__(self, *a, **kw):
+            raise AssertionError("a whole HKH array was read into memory")
 
     def spy(path, *a, **kw):
-        calls.append(kw.get("mmap_mode"))
-        return orig(path, *a, **kw)
+        assert kw.get("mmap_mode") == "r", f"{path} opened without a memory map"
+        return Guard(orig(path, *a, **kw))
 
+    patches = find_patches(fake_hkh)["train"]
     monkeypatch.setattr(np, "load", spy)
-    p = HKHPatches(find_patches(fake_hkh)["train"], ["B1", "B5"])
+    p = HKHPatches(patches, ["B1", "B5"])
     img = p.image(3)
-    assert img.shape == (2, 64, 64) and set(calls) == {"r"}
+    monkeypatch.setattr(np, "load", orig)
+    full = np.load(patches[3].image)  # (H, W, 15): B1 is channel 0, B5 channel 4
+    assert img.shape == (2, 64, 64) and np.array_equal(img, full[..., [0, 4]].transpose(2, 0, 1))
+    assert [k for k in keys if isinstance(k, tuple)] == [(Ellipsis, [0, 4])]
 
 
+@pytest.mark.slow
 def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     out = str(tmp_path / "hkh.pt")
@@ -122,3 +141,24 @@ def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
     torch.save(ck, bad)
     with pytest.raises(BandMappingError):
         load_init_state(bad, cfg)
+
+
+def test_pretrain_in_process_then_init_from(fake_hkh, tmp_path):
+    """The fast twin of the CLI test above: one tiny epoch in-process, then init-from."""
+    from training.config import load_config
+    from training.pretrain import pretrain
+    from training.transfer import load_init_state
+
+    tiny = {"train.epochs": 1, "train.patches_per_epoch": 4, "train.batch_size": 4, "train.patch_size": 64,
+            "model.decoder_channels": [16, 16, 16, 8, 8]}
+    out = str(tmp_path / "hkh.pt")
+    res = pretrain(os.path.join(ROOT, "configs", "hkh_pretrain_quick.yaml"), fake_hkh, out, device="cpu",
+                   overrides=tiny, progress=False, val_patches=1)
+    assert res["val_patches"] == 1
+    ck = torch.load(out, weights_only=False)
+    assert ck["sensor"] == "L7" and ck["bands"] == ["B1", "B2", "B3", "B5", "B6_high"]
+    assert ck["class_map"]["names"] == ["background", "glacier", "debris", "lake"]
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), {"model.decoder_channels": [16, 16, 16, 8, 8]})
+    lines = []
+    state = load_init_state(out, cfg, lines)
+    assert len(state) == len(ck["state_dict"]) and "loaded" in lines[0]

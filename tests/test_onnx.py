@@ -43,6 +43,7 @@ def test_unsupported_layer_message():
         export_onnx(Weird(), 5)
 
 
+@pytest.mark.slow
 def test_onnx_bundle_matches_torch(tiny_members, messy_test_data, tmp_path):
     out = str(tmp_path / "onnx")
     m = build(tiny_members, out, backend="onnx")

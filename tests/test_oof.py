@@ -1,6 +1,5 @@
 """Out-of-fold scoring: the masked-pixel rule is applied once, when validation saves the
 probabilities, and never again on the saved (already masked) arrays."""
-import os
 
 import numpy as np
 from sklearn.metrics import matthews_corrcoef

@@ -25,7 +25,7 @@ def _randomise_bn(model):
     return model
 
 
-@pytest.mark.parametrize("encoder", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet34", pytest.param("resnet50", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("attention", [None, "scse"])
 def test_strict_load_and_parity_with_smp(encoder, attention):
     smp = pytest.importorskip("segmentation_models_pytorch")
