@@ -27,7 +27,7 @@ from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
 from glacier_runtime.predictor import Member, Predictor
 from training.augment import build_augment
-from training.checkpoint import FORMAT, code_version, save_atomic
+from training.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
 from training.dataset import PatchDataset
 from training.distributed import DistContext
@@ -206,7 +206,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
     start_epoch, best_mcc, bad_epochs = 0, -1.0, 0
 
     if os.path.exists(last_path):
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        ck = load_state(last_path, "resume state", "delete it to start this member afresh")
         if ck.get("fold") == fold and ck.get("seed") == seed and ck.get("config") == cfg.model_dump():
             model.load_state_dict(ck["state_dict"])
             opt.load_state_dict(ck["optimizer"])
@@ -332,7 +332,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
 
     result: Dict[str, Any] = {"fold": fold, "seed": seed, "best_mcc": best_mcc}
     if ctx.is_main:
-        best = torch.load(best_path, map_location="cpu", weights_only=False)
+        best = load_state(best_path, "best-epoch checkpoint", "delete it and re-run")
         model.load_state_dict(best["state_dict"])
         oof_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "oof", f"fold{fold}_seed{seed}")
         per_class: List[Dict[str, Any]] = []
