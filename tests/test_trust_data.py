@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from glacier_runtime.backends import TorchRunner
 from glacier_runtime.normalize import identity_stats
 from glacier_runtime.predictor import Member, Predictor
-from glacier_runtime.tiles import MAX_TILE_PIXELS, TileTooLargeError, band_shape, read_band
+from glacier_runtime.tiles import read_band
 
 BANDS = ("Band1", "Band2", "Band3", "Band4", "Band5")
 
@@ -48,6 +48,8 @@ def _test_folder(root: str, n: int = 3, size=(40, 44)) -> str:
 # ---- item 13: declared size checked before decoding; large tiles block by block ---------------------------------
 
 def test_huge_declared_size_refused_before_decoding(tmp_path):
+    from glacier_runtime.tiles import MAX_TILE_PIXELS, TileTooLargeError, band_shape
+
     p = huge_tiff(str(tmp_path / "huge.tif"))
     assert os.path.getsize(p) < 1000
     tracemalloc.start()
@@ -66,6 +68,8 @@ def test_huge_declared_size_refused_before_decoding(tmp_path):
 
 def test_huge_declared_size_refused_on_the_pil_header_path(tmp_path, monkeypatch):
     """Without tifffile (the OpenCV/PIL fallback path) the size is read from PIL's header first."""
+    from glacier_runtime.tiles import TileTooLargeError
+
     p = huge_tiff(str(tmp_path / "huge.tif"))
     monkeypatch.setitem(sys.modules, "tifffile", None)
     with pytest.raises(TileTooLargeError, match="40000x40000"):
