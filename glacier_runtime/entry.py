@@ -22,7 +22,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .tiles import BAND_FOLDERS, TileReadError, list_tiles, read_band, read_tile, tile_id, write_mask
+from .atomic import remove_stale_temps
+from .tiles import (BAND_FOLDERS, TileReadError, TileTooLargeError, band_shape, list_tiles, read_tile, tile_ids,
+                    write_mask)
 
 log = logging.getLogger("glacier.runtime")
 
@@ -35,35 +37,30 @@ _PREDICTORS: Dict[str, Any] = {}
 
 
 def default_model_path() -> str:
-    env = os.environ.get("GLACIER_MODEL_PATH")
-    candidates = [env] if env else []
-    if BUNDLE_DIR:
-        candidates.append(os.path.join(BUNDLE_DIR, MODEL_FILE))
-    candidates.append(os.path.join(os.getcwd(), MODEL_FILE))
-    for c in candidates:
-        if c and os.path.isfile(c):
-            return c
+    """The bundle's own model.pth, beside solution.py; never one from the working directory."""
+    candidate = os.path.join(BUNDLE_DIR, MODEL_FILE) if BUNDLE_DIR else None
+    if candidate and os.path.isfile(candidate):
+        return candidate
     raise FileNotFoundError(
-        f"{MODEL_FILE} not found (looked in: {', '.join(c for c in candidates if c)}); "
+        f"{MODEL_FILE} not found beside solution.py ({candidate or 'no bundle folder known'}); "
         "put model.pth beside solution.py or pass its path as the second argument"
     )
 
 
 def get_predictor(model_path: Optional[str] = None):
+    """The predictor of ``model_path``, else of the embedded weights (``--single-file``),
+    else of model.pth beside solution.py. Loaded with weights_only=True (never unpickled)."""
     from .predictor import Predictor, load_payload
 
     device = os.environ.get("GLACIER_DEVICE") or None
     backend = os.environ.get("GLACIER_BACKEND", "auto")
     if model_path is None and EMBEDDED_MODEL is not None:
-        try:
-            model_path = default_model_path()
-        except FileNotFoundError:
-            if "<embedded>" not in _PREDICTORS:
-                import io
+        if "<embedded>" not in _PREDICTORS:
+            import io
 
-                _PREDICTORS["<embedded>"] = Predictor.from_payload(
-                    load_payload(io.BytesIO(EMBEDDED_MODEL)), device=device, backend=backend)
-            return _PREDICTORS["<embedded>"]
+            _PREDICTORS["<embedded>"] = Predictor.from_payload(
+                load_payload(io.BytesIO(EMBEDDED_MODEL)), device=device, backend=backend)
+        return _PREDICTORS["<embedded>"]
     path = os.path.abspath(model_path or default_model_path())
     if path not in _PREDICTORS:
         _PREDICTORS[path] = Predictor.from_payload(load_payload(path), device=device, backend=backend)
@@ -71,9 +68,10 @@ def get_predictor(model_path: Optional[str] = None):
 
 
 def _tile_shape(paths: Mapping[str, str]):
+    """(H, W) from the first band header that reads (nothing decoded), else None."""
     for p in paths.values():
         try:
-            return read_band(p)[0].shape
+            return band_shape(p)
         except Exception:  # noqa: BLE001
             continue
     return None
@@ -90,36 +88,67 @@ def _progress(items, total: int):
 
 
 def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None,
-                   progress: bool = True) -> Dict[str, np.ndarray]:
+                   progress: bool = True, report: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
     """Predict every tile of a folder or band dict; one bad tile never aborts the run.
 
     Returns ``{tile_id: uint8 mask}``; writes masks named as the Band1 files if ``out_dir``.
+    A tile that cannot be read, is too large, runs out of memory or whose mask cannot be
+    written is a per-tile failure with a log line; ``report`` (if given) receives
+    ``{"tiles", "ok", "fallback": [...], "failed": [...]}`` and the run ends with the count.
+    Two tiles with one platform id are an error naming both files, before any prediction.
     """
     tiles, problems = list_tiles(imagepath, BAND_FOLDERS)
     for p in problems:
         log.warning(p)
+    ids = tile_ids(tiles)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+        for stale in remove_stale_temps(out_dir):
+            log.warning("removed a temporary file left by an earlier, killed run: %s", stale)
     results: Dict[str, np.ndarray] = {}
+    fallback: list = []
+    failed: list = []
     start = time.time()
     items = _progress(tiles.items(), len(tiles)) if progress else tiles.items()
     for key, paths in items:
         first = paths.get("Band1") or next(iter(paths.values()))
-        tid = tile_id(first)
+        tid = ids[key]
         try:
             image = read_tile(paths, BAND_FOLDERS)
-            mask, _ = predictor.predict_pixels_safe(image, name=os.path.basename(first))
-        except (TileReadError, OSError, ValueError) as exc:
+            mask, note = predictor.predict_pixels_safe(image, name=os.path.basename(first))
+            del image
+            if note:
+                fallback.append(key)
+        except TileTooLargeError as exc:
+            log.error("%s: %s; no mask for this tile", key, exc)
+            failed.append(key)
+            continue
+        except (TileReadError, OSError, ValueError, MemoryError) as exc:
+            what = "out of memory reading it" if isinstance(exc, MemoryError) else str(exc)
             shape = _tile_shape(paths)
             if shape is None:
-                log.error("%s: no band of this tile can be read (%s); skipped", key, exc)
+                log.error("%s: no band of this tile can be read (%s); skipped", key, what)
+                failed.append(key)
                 continue
-            log.warning("%s: %s; writing background", key, exc)
+            log.warning("%s: %s; writing background", key, what)
             mask = np.zeros(shape, np.uint8)
+            fallback.append(key)
         results[tid] = mask
         if out_dir:
-            write_mask(os.path.join(out_dir, os.path.basename(first)), mask)
+            try:
+                write_mask(os.path.join(out_dir, os.path.basename(first)), mask)
+            except (OSError, MemoryError, ValueError) as exc:
+                log.error("%s: cannot write its mask to %s (%s); counted as failed", key, out_dir, exc)
+                failed.append(key)
+                if key in fallback:
+                    fallback.remove(key)
+    ok = len(tiles) - len(fallback) - len(failed)
     log.info("predicted %d tiles in %.1f s", len(results), time.time() - start)
+    line = f"{len(tiles)} tiles: {ok} ok, {len(fallback)} fell back, {len(failed)} failed"
+    (log.warning if (fallback or failed) else log.info)(
+        line + (f" (failed: {', '.join(failed)})" if failed else ""))
+    if report is not None:
+        report.update(tiles=len(tiles), ok=ok, fallback=list(fallback), failed=list(failed), summary=line)
     return results
 
 

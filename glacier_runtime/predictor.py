@@ -18,6 +18,7 @@ from .backends import OnnxRunner, TorchRunner, onnxruntime_available
 from .classes import CLASS_VALUES
 from .models import build_model
 from .normalize import masked_pixels, normalize
+from .safeload import UnsafeFileError, safe_load
 from .tta import group_views, rescale, resolve_views, scaled_size
 from .window import blend_weight, pad_to_multiple, plan_windows
 
@@ -29,6 +30,7 @@ DEFAULT_INFERENCE: Dict[str, Any] = {
     "merge": "mean",        # mean | weighted (by member weight)
     "bias": None,           # per-class additive bias on log-probabilities
     "window": 1024,         # tiles larger than this (after padding) are windowed
+    "block": 2048,          # tiles larger than this are predicted block by block (bounded memory, docs/DATA.md)
     "overlap": 0.25,
     "max_batch": "auto",    # views per forward pass: auto = 2 torch-CPU, 1 ORT-CPU (measured on CPU,
                             # benchmarks/inference_speed.py); 8 on CUDA (a default, not measured on a GPU)
@@ -181,11 +183,15 @@ class Predictor:
         m = masked_pixels(image)
         return m if m.any() else None
 
+    def _argmax(self, probs: np.ndarray) -> np.ndarray:
+        scores = np.log(np.maximum(probs, 1e-8))
+        scores += self.bias.reshape(-1, 1, 1)
+        return scores.argmax(axis=0).astype(np.uint8)
+
     def decide(self, probs: np.ndarray, masked: Optional[np.ndarray] = None) -> np.ndarray:
         """Probabilities -> class ids: argmax of log p + bias, masked pixels to background,
         then post-processing."""
-        scores = np.log(np.maximum(probs, 1e-8)) + self.bias.reshape(-1, 1, 1)
-        ids = scores.argmax(axis=0).astype(np.uint8)
+        ids = self._argmax(probs)
         if masked is not None:
             ids[masked] = 0
         return postprocess.apply(ids, self.rules, self.n_classes)
@@ -202,8 +208,27 @@ class Predictor:
         out[0, masked] = 1.0
         return out
 
-    def predict_ids(self, image: np.ndarray) -> np.ndarray:
-        return self.decide(self.predict_proba(image), self.masked(image))
+    def predict_ids(self, image: np.ndarray, views=None, scales=None, members=None) -> np.ndarray:
+        """(C, H, W) raw tile -> (H, W) class ids. Tiles larger than ``block`` on a side go
+        block by block (each with a context margin), so the working memory beyond the tile
+        itself and its uint8 result is that of one block, whatever the tile's size."""
+        _, H, W = image.shape
+        block = int(self.cfg.get("block") or 0)
+        if block <= 0 or (H <= block and W <= block):
+            return self.decide(self.predict_proba(image, views, scales, members), self.masked(image))
+        stride = int(self.cfg["stride"])
+        margin = max(stride, int(self.cfg["window"]) // 8 // stride * stride)
+        ids = np.zeros((H, W), np.uint8)
+        for y0 in range(0, H, block):
+            for x0 in range(0, W, block):
+                y1, x1 = min(H, y0 + block), min(W, x0 + block)
+                ya, xa, yb, xb = max(0, y0 - margin), max(0, x0 - margin), min(H, y1 + margin), min(W, x1 + margin)
+                crop = image[:, ya:yb, xa:xb]
+                core = self._argmax(self.predict_proba(crop, views, scales, members))[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+                if self.cfg.get("masked_background", True):
+                    core[masked_pixels(image[:, y0:y1, x0:x1])] = 0
+                ids[y0:y1, x0:x1] = core
+        return postprocess.apply(ids, self.rules, self.n_classes)
 
     def to_pixels(self, ids: np.ndarray) -> np.ndarray:
         return self.class_values[ids]
@@ -221,7 +246,7 @@ class Predictor:
         ]
         for label, kw in attempts:
             try:
-                ids = self.decide(self.predict_proba(image, **kw), self.masked(image))
+                ids = self.predict_ids(image, **kw)
                 note = "" if label == "full" else f"fallback: {label}"
                 if note:
                     log.warning("%s: used %s", name, note)
@@ -234,11 +259,12 @@ class Predictor:
         return np.zeros((H, W), np.uint8), "fallback: background"
 
 
-def load_payload(path: str) -> Dict[str, Any]:
-    """Load a model.pth payload written by any torch >= 2.0."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - older files may hold types the safe loader refuses
-        if hasattr(path, "seek"):
-            path.seek(0)
-        return torch.load(path, map_location="cpu")
+def load_payload(path) -> Dict[str, Any]:
+    """Load a model.pth payload (a path or a binary file object) with
+    ``torch.load(weights_only=True)`` on any torch >= 2.0; never a full unpickle: a file that
+    needs one is refused (:class:`~.safeload.UnsafeFileError`, naming it)."""
+    payload = safe_load(path, "model payload", "rebuild the bundle with `glacier-submit build`")
+    if not isinstance(payload, dict) or "members" not in payload:
+        raise UnsafeFileError(f"{path} is not a glacier model payload (no 'members'); "
+                              "rebuild the bundle with `glacier-submit build`")
+    return payload

@@ -22,6 +22,9 @@ _GRID_RE = re.compile(r"(\d+_\d+)$")
 _DIGITS_RE = re.compile(r"(\d+)")
 # GDAL stores the nodata value as ASCII in this private TIFF tag.
 _GDAL_NODATA_TAG = 42113
+#: Largest tile accepted, in pixels per band (about 12000 x 12000). Checked on the file's
+#: header before anything is decoded; a larger declared size is refused (docs/DATA.md).
+MAX_TILE_PIXELS = 150_000_000
 
 
 class TileReadError(RuntimeError):
@@ -30,6 +33,14 @@ class TileReadError(RuntimeError):
 
 class BandShapeError(TileReadError):
     """The bands of one tile do not share one grid."""
+
+
+class TileTooLargeError(TileReadError):
+    """A band's header declares more pixels than :data:`MAX_TILE_PIXELS`; nothing was decoded."""
+
+
+class TileIdCollision(ValueError):
+    """Two tiles map to one platform tile id; their masks would overwrite each other."""
 
 
 def is_tiff(name: str) -> bool:
@@ -76,6 +87,55 @@ def _nodata_from_tifffile(tif) -> Optional[float]:
         return None
 
 
+def _check_declared(path: str, shape) -> Tuple[int, int]:
+    """(H, W) of a declared page shape; refuses sizes over :data:`MAX_TILE_PIXELS`."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 3 and shape[0] == 1:
+        h, w = shape[1], shape[2]
+    elif len(shape) >= 2:
+        h, w = shape[0], shape[1]
+    else:
+        h, w = (shape[0] if shape else 1), 1
+    pixels = 1
+    for d in shape:
+        pixels *= int(d)
+    if pixels > MAX_TILE_PIXELS:
+        raise TileTooLargeError(
+            f"{path}: the file declares {'x'.join(str(int(d)) for d in shape)} = {pixels:,} pixels, over the "
+            f"{MAX_TILE_PIXELS:,}-pixel limit; refused before decoding. Cut the scene into tiles "
+            "(e.g. gdal_retile.py) or check that the file is not damaged.")
+    return h, w
+
+
+def band_shape(path: str) -> Tuple[int, int]:
+    """(H, W) of a band from its header only (tifffile, else PIL); nothing is decoded.
+    Raises :class:`TileTooLargeError` for sizes over the limit, :class:`TileReadError` when
+    no header can be read."""
+    errors: List[str] = []
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return _check_declared(path, tif.pages[0].shape)
+    except TileTooLargeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"tifffile: {exc}")
+    try:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # our own limit applies, from the header
+        with Image.open(path) as img:
+            w, h = img.size
+            bands = len(img.getbands())
+        return _check_declared(path, (h, w) if bands == 1 else (h, w, bands))
+    except TileTooLargeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"PIL: {exc}")
+    raise TileReadError(f"cannot read the header of {path}: " + "; ".join(errors))
+
+
 def _squeeze_band(arr: np.ndarray, path: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 3:
@@ -98,13 +158,18 @@ def read_band(path: str) -> Tuple[np.ndarray, Optional[float]]:
     """Read one single-band TIFF. Returns (array with its stored dtype, nodata value or None).
 
     Tries tifffile, then OpenCV (``IMREAD_UNCHANGED`` keeps uint16/float32), then PIL.
+    The declared size is checked on the header first: over :data:`MAX_TILE_PIXELS` the file
+    is refused (:class:`TileTooLargeError`) before any reader decodes it.
     """
     errors: List[str] = []
     nodata: Optional[float] = None
+    header_checked = False
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
+            _check_declared(path, tif.pages[0].shape)
+            header_checked = True
             nodata = _nodata_from_tifffile(tif)
             arr = tif.asarray()
         return _squeeze_band(arr, path), nodata
@@ -112,11 +177,19 @@ def read_band(path: str) -> Tuple[np.ndarray, Optional[float]]:
         raise
     except Exception as exc:  # noqa: BLE001 - fall through to the next reader
         errors.append(f"tifffile: {exc}")
+    if not header_checked:
+        try:
+            band_shape(path)  # PIL reads the header without decoding
+        except TileTooLargeError:
+            raise
+        except TileReadError:
+            pass  # no header reader understood it: OpenCV's own pixel limit still applies
     try:
         import cv2
 
         arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         if arr is not None:
+            log.info("%s: decoded with OpenCV (%s)", path, errors[-1] if errors else "tifffile failed")
             return _squeeze_band(arr, path), nodata
         errors.append("cv2: could not decode")
     except TileReadError:
@@ -128,6 +201,7 @@ def read_band(path: str) -> Tuple[np.ndarray, Optional[float]]:
 
         with Image.open(path) as img:
             arr = np.array(img)
+        log.info("%s: decoded with PIL (%s)", path, "; ".join(errors))
         return _squeeze_band(arr, path), nodata
     except TileReadError:
         raise
@@ -148,23 +222,34 @@ def read_tile(paths: Mapping[str, str], bands: Tuple[str, ...] = BAND_FOLDERS,
     fill. ``reader`` maps a path to (array, nodata): the runtime's fallback chain by
     default, rasterio in training. ``dtypes``, if given, receives each band's stored dtype.
     """
-    arrays = []
-    for band in bands:
+    out: Optional[np.ndarray] = None
+    shapes: List[Tuple[int, int]] = []
+    for i, band in enumerate(bands):
         if band not in paths:
             raise TileReadError(f"tile is missing {band} (have {sorted(paths)})")
         raw, nodata = reader(paths[band])
         if dtypes is not None:
             dtypes.append(str(raw.dtype))
-        arr = raw.astype(np.float32)
+        shapes.append(raw.shape)
+        if out is None:
+            # one float32 (C, H, W) buffer filled band by band: no per-band float copies, no stack
+            out = np.empty((len(bands),) + raw.shape, np.float32)
+        elif raw.shape != out.shape[1:]:
+            for b in bands[i + 1:]:
+                if b in paths:
+                    shapes.append(reader(paths[b])[0].shape)
+            detail = "; ".join(f"{paths[b]}: {s[0]}x{s[1]}" for b, s in zip(bands, shapes))
+            raise BandShapeError(f"band shapes differ ({detail}). All bands of a tile must share one grid; "
+                                 "resample the odd band or remove the tile.")
+        arr = out[i]
+        arr[...] = raw
+        del raw
         if nodata is not None and np.isfinite(nodata):
             arr[arr == np.float32(nodata)] = np.nan
         arr[~np.isfinite(arr)] = np.nan
-        arrays.append(arr)
-    if len({a.shape for a in arrays}) != 1:
-        detail = "; ".join(f"{paths[b]}: {a.shape[0]}x{a.shape[1]}" for b, a in zip(bands, arrays))
-        raise BandShapeError(f"band shapes differ ({detail}). All bands of a tile must share one grid; "
-                             "resample the odd band or remove the tile.")
-    return np.stack(arrays, axis=0)
+    if out is None:
+        raise TileReadError("no bands requested")
+    return out
 
 
 BandSource = Union[str, os.PathLike, Mapping[str, str]]
@@ -245,6 +330,24 @@ def list_tiles(
             problems.append(f"tile {key!r} is missing {lacking}")
         tiles[key] = paths
     return tiles, problems
+
+
+def tile_ids(tiles: Mapping[str, Mapping[str, str]]) -> Dict[str, str]:
+    """``{tile key: platform tile id}``; two tiles with one id are an error naming both
+    files (their masks would overwrite each other and both be scored against one)."""
+    ids: Dict[str, str] = {}
+    owner: Dict[str, str] = {}
+    for key, paths in tiles.items():
+        first = paths.get(BAND_FOLDERS[0]) or next(iter(paths.values()))
+        tid = tile_id(first)
+        if tid in owner:
+            raise TileIdCollision(
+                f"tile id collision: {owner[tid]} and {first} both have the platform tile id {tid!r}; "
+                "their masks would overwrite each other. Rename one of them (the id is the grid id "
+                "row_col, else the last run of digits, else the whole name).")
+        owner[tid] = first
+        ids[key] = tid
+    return ids
 
 
 def write_mask(path: str, mask: np.ndarray) -> None:

@@ -52,8 +52,11 @@ def load_postprocess(preset: Optional[str]) -> List[Dict[str, Any]]:
 
 
 def serialise(payload: Dict[str, Any]) -> bytes:
+    """model.pth bytes: tensors and plain types only, so it loads with weights_only=True."""
+    from glacier_runtime.safeload import plain
+
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(plain(payload, "model payload"), buf)
     return buf.getvalue()
 
 
@@ -162,6 +165,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     # bias: tuned on out-of-fold predictions when they exist
     bias_info: Dict[str, Any] = {"mode": "none"}
     bias_values = None
+    tuned_on: Dict[str, List[str]] = {}  # setting -> tile ids it was tuned on (evaluate's leakage guard)
     if isinstance(bias, (list, tuple)):
         bias_values = [float(b) for b in bias]
         bias_info = {"mode": "given", "values": bias_values}
@@ -179,6 +183,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
             bias_values, before, after = tune_bias(probs, labels)
             bias_info = {"mode": "tuned on OOF", "values": bias_values, "oof_tiles": len(keys),
                          "oof_mcc_before": before, "oof_mcc_after": after}
+            tuned_on["bias"] = sorted(keys)
         else:
             notes.append("no out-of-fold predictions beside the members: bias left at 0")
 
@@ -273,7 +278,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
                      "val_tiles": e["meta"]["val_tiles"], "sha": e["meta"]["sha"], "source": e["meta"]["source"]}
                     for e in entries],
         "tta": views, "scales": payload["inference"]["scales"], "merge": merge,
-        "weights": [e["weight"] for e in entries], "bias": bias_info, "postprocess": rules,
+        "weights": [e["weight"] for e in entries], "bias": bias_info, "tuned_on_tiles": tuned_on, "postprocess": rules,
         "postprocess_preset": postprocess,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],

@@ -143,14 +143,28 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
         overrides["postprocess"] = load_postprocess(postprocess)
     if bias is not None:
         overrides["bias"] = None if bias == "none" else _floats(bias, "--bias")
-    if bundle:
-        payload = load_payload(os.path.join(bundle, "model.pth"))
-    else:
-        payload = make_payload(load_members(_expand(models)), {})
+    from glacier_runtime.safeload import UnsafeFileError
+    from glacier_runtime.tiles import TileIdCollision
+    from training.checkpoint import CheckpointError
+
+    try:
+        if bundle:
+            payload = load_payload(os.path.join(bundle, "model.pth"))
+        else:
+            payload = make_payload(load_members(_expand(models)), {})
+    except (UnsafeFileError, CheckpointError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
     dev = None if device == "auto" else device
     pred = Predictor.from_payload(payload, device=dev, backend=backend, overrides=overrides)
-    res = predict_folder(pred, input_dir, output, progress=True)
-    click.echo(f"wrote {len(res)} masks to {output}")
+    summary: dict = {}
+    try:
+        predict_folder(pred, input_dir, output, progress=True, report=summary)
+    except TileIdCollision as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {summary['tiles'] - len(summary['failed'])} masks to {output} ({summary['summary']})")
+    if summary["failed"]:
+        raise click.ClickException(f"{len(summary['failed'])} tiles failed: {', '.join(summary['failed'])} "
+                                   "(see the log lines above)")
 
 
 @cli.command()

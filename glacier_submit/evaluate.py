@@ -10,10 +10,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from glacier_submit.report import figures_available, render_report, write_report  # noqa: F401 (render_report re-exported)
 from glacier_submit.sandbox import RunResult, run_bundle
 from training.data.competition import CompetitionDataset
 from training.metrics import ConfusionAccumulator
-from glacier_runtime.tiles import tile_id
+from glacier_runtime.atomic import remove_stale_temps
+from glacier_runtime.tiles import TileIdCollision, tile_ids
 
 
 class EvaluateError(RuntimeError):
@@ -33,13 +35,30 @@ def load_manifest(bundle: str) -> Dict[str, Any]:
 
 
 def leakage(manifest: Dict[str, Any], tiles: Sequence[str]) -> Dict[str, List[str]]:
-    """Member name -> evaluated tiles it trained on."""
+    """Member name (or ``tuned <setting>``) -> evaluated tiles it trained on or was tuned on.
+
+    Tuned settings come from the manifest's ``tuned_on_tiles`` ({setting: [tile ids]}, e.g.
+    the bias tuned on out-of-fold predictions)."""
     out = {}
     for m in manifest["members"]:
         hit = sorted(set(tiles) & set(m.get("train_tiles", [])))
         if hit:
             out[m["name"]] = hit
+    for setting, seen in sorted((manifest.get("tuned_on_tiles") or {}).items()):
+        hit = sorted(set(tiles) & set(seen or []))
+        if hit:
+            out[f"tuned {setting}"] = hit
     return out
+
+
+def untracked_tuning(manifest: Dict[str, Any]) -> List[str]:
+    """Settings tuned on data whose tile ids the manifest does not record (older bundles)."""
+    tuned = manifest.get("tuned_on_tiles") or {}
+    bias = manifest.get("bias") or {}
+    if str(bias.get("mode", "")).startswith("tuned") and "bias" not in tuned:
+        return [f"the bias was tuned on {bias.get('oof_tiles', '?')} out-of-fold tiles that this manifest does not "
+                "name: the leakage guard cannot check them; rebuild the bundle to record them"]
+    return []
 
 
 def oof_hint(manifest: Dict[str, Any]) -> str:
@@ -75,25 +94,36 @@ def class_ids_from_pixels(mask: np.ndarray, values: Sequence[int], name: str) ->
     return ids
 
 
+#: How a tile the bundle did not produce is scored (as the platform would: no mask, no credit).
+MISSING_RULE = "scored as all background (class 0), as if an empty mask had been submitted"
+
+
 def score(ds: CompetitionDataset, keys: Sequence[str], masks: Dict[str, np.ndarray], values: Sequence[int]):
+    """Confusion over ``keys``; a tile with no mask (or one of the wrong size) is reported
+    in ``missing`` and scored by :data:`MISSING_RULE`, never skipped."""
     acc = ConfusionAccumulator(len(ds.class_names))
     per_tile = {}
     preds = {}
     problems = []
+    missing = []
+    ids_of = tile_ids({k: ds.tiles[k].bands for k in keys})
     for key in keys:
-        tid = tile_id(ds.tiles[key].bands["Band1"])
-        if tid not in masks:
-            problems.append(f"no mask for tile {key} (id {tid})")
-            continue
-        m = masks[tid]
+        tid = ids_of[key]
         truth = ds.label(key)
-        if m.shape != truth.shape:
-            problems.append(f"tile {key}: mask {m.shape} vs label {truth.shape}")
-            continue
-        ids = class_ids_from_pixels(m, values, key)
+        m = masks.get(tid)
+        if m is None:
+            problems.append(f"no mask for tile {key} (id {tid}): {MISSING_RULE}")
+        elif m.shape != truth.shape:
+            problems.append(f"tile {key}: mask {m.shape} vs label {truth.shape}: {MISSING_RULE}")
+            m = None
+        if m is None:
+            missing.append(key)
+            ids = np.zeros(truth.shape, np.uint8)
+        else:
+            ids = class_ids_from_pixels(m, values, key)
         per_tile[key] = acc.update(truth, ids)
         preds[key] = ids
-    return acc, per_tile, preds, problems
+    return acc, per_tile, preds, problems, missing
 
 
 def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest: Dict[str, Any],
@@ -148,14 +178,26 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
              allow_leak: bool = False, compare: bool = False, python: Optional[str] = None,
              label_mode: str = "multiclass", figures: bool = True, device: str = "cpu") -> Dict[str, Any]:
     manifest = load_manifest(bundle)
+    notes: List[str] = []
+    if figures and not figures_available():
+        figures = False  # checked before any work: the report is written without figures
+        notes.append("figures skipped: matplotlib is not installed (pip install -e '.[report]' to get them)")
     ds = CompetitionDataset(data, label_mode=label_mode, require_labels=False)
     keys = list(ds.keys)
+    if folds:
+        from training.folds import check_provenance, fold_split, load_folds
+
+        folds_data = load_folds(folds)
+        try:
+            note = check_provenance(folds_data, ds, folds)
+        except ValueError as exc:
+            raise EvaluateError(str(exc)) from None
+        if note:
+            notes.append(note)
     if fold is not None:
         if not folds:
             raise EvaluateError("--fold needs --folds folds.json")
-        from training.folds import fold_split, load_folds
-
-        _, keys = fold_split(load_folds(folds), fold)
+        _, keys = fold_split(folds_data, fold)
     if tiles:
         keys = list(tiles)
     missing = [k for k in keys if k not in ds.tiles]
@@ -163,27 +205,39 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         raise EvaluateError(f"tiles {missing} not found in {data} (has {ds.keys[:10]}...)")
     if not keys:
         raise EvaluateError("no tiles to evaluate")
+    try:
+        tile_ids({k: ds.tiles[k].bands for k in keys})
+    except TileIdCollision as exc:
+        raise EvaluateError(str(exc)) from None
+    notes += untracked_tuning(manifest)
     leaks = leakage(manifest, keys)
     stamped = False
     if leaks:
         if not allow_leak:
-            lines = [f"  {m}: trained on {t}" for m, t in leaks.items()]
-            msg = ("leaky evaluation refused: members trained on evaluated tiles\n" + "\n".join(lines) + "\n")
-            if len(leaks) == len(manifest["members"]) and fold is not None:
+            lines = [f"  {m}: {'tuned' if m.startswith('tuned ') else 'trained'} on {t}" for m, t in leaks.items()]
+            msg = ("leaky evaluation refused: members trained on, or settings tuned on, evaluated tiles\n"
+                   + "\n".join(lines) + "\n")
+            if sum(not m.startswith("tuned ") for m in leaks) == len(manifest["members"]) and fold is not None:
                 msg += ("A fold is only held out for members that never trained on it; a k-fold ensemble has no "
                         "clean fold." + oof_hint(manifest) + " ")
             msg += "Evaluate on unseen tiles, build a bundle from members that never saw this fold, or pass --allow-leak (the report is stamped LEAKY)."
             raise LeakError(msg)
         stamped = True
     os.makedirs(out, exist_ok=True)
+    remove_stale_temps(out)
     staged = os.path.join(out, "_input")
     stage_tiles(ds, keys, staged)
-    run: RunResult = run_bundle(bundle, staged, convention, os.path.join(out, "_masks"), timeout, python)
+    masks_dir = os.path.join(out, "_masks")
+    if os.path.exists(masks_dir):  # every run writes into a fresh, empty folder: nothing of an earlier run is read
+        shutil.rmtree(masks_dir)
+    os.makedirs(masks_dir)
+    run: RunResult = run_bundle(bundle, staged, convention, masks_dir, timeout, python)
     report: Dict[str, Any] = {
         "bundle": os.path.abspath(bundle), "data": os.path.abspath(data), "tiles": keys, "convention": convention,
         "leaky": stamped, "leaks": leaks, "returncode": run.returncode, "timed_out": run.timed_out,
         "seconds": run.seconds, "seconds_per_tile": run.seconds / len(keys), "peak_rss_mb": run.peak_rss_mb,
         "time_budget_s": manifest.get("budget", {}).get("time_budget_s"), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "notes": notes,
     }
     if not run.ok:
         report["stderr_tail"] = run.tail(3000)
@@ -193,18 +247,16 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
     values = manifest["class_map"]["values"]
     report["mask_count"] = len(run.masks)
     if ds.has_labels:
-        acc, per_tile, preds, problems = score(ds, keys, run.masks, values)
+        acc, per_tile, preds, problems, missing = score(ds, keys, run.masks, values)
         report.update(mcc=acc.mcc, per_class=acc.per_class(ds.class_names), per_tile_mcc=per_tile,
-                      confusion=acc.cm.tolist(), class_names=list(ds.class_names), problems=problems)
+                      confusion=acc.cm.tolist(), class_names=list(ds.class_names), problems=problems,
+                      missing=missing, missing_rule=MISSING_RULE)
     else:
         preds = {}
         report["note"] = "no labels: timing only"
     if compare and ds.has_labels:
         report["ablations"] = ablations(bundle, ds, keys, manifest, device)
-    if figures:
-        from glacier_submit.report import write_report
-
-        report["figures"] = write_report(out, report, ds, keys, preds, manifest)
+    report["figures"] = write_report(out, report, ds, keys, preds, manifest, figures=figures)
     _write_json(os.path.join(out, "report.json"), report)
     return report
 
@@ -213,27 +265,3 @@ def _write_json(path: str, obj: Dict[str, Any]) -> None:
     from glacier_runtime.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=float) + "\n").encode())
-
-
-def render_report(r: Dict[str, Any]) -> str:
-    lines = []
-    if r.get("leaky"):
-        lines.append("LEAKY EVALUATION: members trained on evaluated tiles " + json.dumps(r["leaks"]))
-    if "mcc" in r:
-        lines.append(f"MCC over all pixels of {len(r['tiles'])} tiles: {r['mcc']:.4f}")
-        lines.append(f"{'class':<12} {'MCC':>7} {'IoU':>7} {'F1':>7} {'support':>10}")
-        for c in r["per_class"]:
-            lines.append(f"{c['class']:<12} {c['mcc']:>7.3f} {c['iou']:>7.3f} {c['f1']:>7.3f} {c['support']:>10}")
-    budget = r.get("time_budget_s")
-    lines.append(f"time: {r['seconds']:.1f} s total, {r['seconds_per_tile']:.2f} s per tile"
-                 + (f" (budget {budget:.2f} s per tile: {'OK' if r['seconds_per_tile'] <= budget else 'OVER'})" if budget else "")
-                 + f", peak RSS {r['peak_rss_mb']:.0f} MB")
-    for p in r.get("problems", []):
-        lines.append(f"problem: {p}")
-    if r.get("ablations"):
-        lines.append("")
-        lines.append(f"{'variant':<44} {'MCC':>7} {'dMCC':>8} {'s/tile':>7} {'ds/tile':>8} {'views':>6}")
-        for v in r["ablations"]:
-            lines.append(f"{v['variant']:<44} {v['mcc']:>7.4f} {v['delta_mcc']:>+8.4f} {v['seconds_per_tile']:>7.2f} "
-                         f"{v['delta_seconds']:>+8.2f} {v['views']:>6}")
-    return "\n".join(lines)

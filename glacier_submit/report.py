@@ -1,7 +1,9 @@
-"""Evaluation report: report.md, report.html and PNG figures (matplotlib)."""
+"""Evaluation report: report.md, report.html and PNG figures (matplotlib, optional: without
+it the report is written without figures and says so)."""
 from __future__ import annotations
 
 import html
+import json
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -19,8 +21,25 @@ def rgb_composite(img: np.ndarray) -> np.ndarray:
     return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
+def figures_available() -> bool:
+    """Whether matplotlib can be imported (checked before an evaluation starts)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
-                 manifest: Dict[str, Any], max_tiles: int = 6) -> List[str]:
+                 manifest: Dict[str, Any], max_tiles: int = 6, figures: bool = True) -> List[str]:
+    """report.md and report.html, with PNG figures when ``figures`` (needs matplotlib)."""
+    figs = _write_figures(out, r, ds, keys, preds, max_tiles) if figures else []
+    _write_md_html(out, r, manifest, figs)
+    return figs
+
+
+def _write_figures(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
+                   max_tiles: int) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,13 +100,10 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
         atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=90))
         plt.close(fig)
         figs.append(p)
-    _write_md_html(out, r, manifest, figs)
     return figs
 
 
 def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: List[str]) -> None:
-    from glacier_submit.evaluate import render_report
-
     rel = [os.path.relpath(f, out) for f in figs]
     md = ["# Evaluation report", ""]
     if r.get("leaky"):
@@ -109,3 +125,35 @@ def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: 
     body += [f"<img src='{html.escape(f)}' style='max-width:100%'>" for f in rel]
     atomic_write_text(os.path.join(out, "report.html"),
                       "<!doctype html><meta charset='utf-8'><title>glacier evaluation</title>" + "\n".join(body))
+
+
+def render_report(r: Dict[str, Any]) -> str:
+    """The plain-text summary printed by ``glacier-submit evaluate`` and embedded in report.md."""
+    lines = []
+    if r.get("leaky"):
+        lines.append("LEAKY EVALUATION: members trained on (or settings tuned on) evaluated tiles "
+                     + json.dumps(r["leaks"]))
+    if r.get("missing"):
+        lines.append(f"MISSING: the bundle produced no usable mask for {len(r['missing'])} of {len(r['tiles'])} "
+                     f"tiles ({', '.join(r['missing'][:10])}{' ...' if len(r['missing']) > 10 else ''}); "
+                     f"{r.get('missing_rule', 'scored as background')}")
+    if "mcc" in r:
+        lines.append(f"MCC over all pixels of {len(r['tiles'])} tiles: {r['mcc']:.4f}")
+        lines.append(f"{'class':<12} {'MCC':>7} {'IoU':>7} {'F1':>7} {'support':>10}")
+        for c in r["per_class"]:
+            lines.append(f"{c['class']:<12} {c['mcc']:>7.3f} {c['iou']:>7.3f} {c['f1']:>7.3f} {c['support']:>10}")
+    budget = r.get("time_budget_s")
+    lines.append(f"time: {r['seconds']:.1f} s total, {r['seconds_per_tile']:.2f} s per tile"
+                 + (f" (budget {budget:.2f} s per tile: {'OK' if r['seconds_per_tile'] <= budget else 'OVER'})" if budget else "")
+                 + f", peak RSS {r['peak_rss_mb']:.0f} MB")
+    for p in r.get("problems", []):
+        lines.append(f"problem: {p}")
+    for n in r.get("notes", []):
+        lines.append(f"note: {n}")
+    if r.get("ablations"):
+        lines.append("")
+        lines.append(f"{'variant':<44} {'MCC':>7} {'dMCC':>8} {'s/tile':>7} {'ds/tile':>8} {'views':>6}")
+        for v in r["ablations"]:
+            lines.append(f"{v['variant']:<44} {v['mcc']:>7.4f} {v['delta_mcc']:>+8.4f} {v['seconds_per_tile']:>7.2f} "
+                         f"{v['delta_seconds']:>+8.2f} {v['views']:>6}")
+    return "\n".join(lines)

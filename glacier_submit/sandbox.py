@@ -1,11 +1,19 @@
-"""Run a bundle the way the platform runs it: a fresh interpreter, the bundle's own
-working directory, and only the platform's packages importable (smp, scipy, onnx,
-rasterio, albumentations, click, yaml, pydantic and this repository are blocked)."""
+"""Run a bundle the way the platform runs it: a fresh interpreter in an empty working
+directory, a minimal environment, a time limit, and only the platform's packages
+importable (smp, scipy, onnx, rasterio, albumentations, click, yaml, pydantic,
+imagecodecs and this repository are blocked).
+
+Environment: only PATH, LANG/LC_ALL, the thread-count and CUDA device variables are
+passed through; HOME and TMPDIR point into the run's own temporary folder, which is
+removed afterwards. Tokens, ``LD_PRELOAD``, ``PYTHONPATH``, ``TORCH_FORCE_*`` and every
+other variable stay out.
+"""
 from __future__ import annotations
 
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +25,16 @@ import numpy as np
 
 CONVENTIONS = ("imagepath", "data-dict", "import-call")
 BLOCKED = ("segmentation_models_pytorch", "scipy", "onnx", "rasterio", "albumentations", "click", "yaml",
-           "pydantic", "timm", "training", "glacier_submit", "glacier_runtime", "sklearn", "matplotlib", "onnxscript")
+           "pydantic", "timm", "training", "glacier_submit", "glacier_runtime", "sklearn", "matplotlib", "onnxscript",
+           # the platform's tifffile has no imagecodecs: LZW must go through the OpenCV fallback here too
+           "imagecodecs")
+#: Default wall-clock limit of one bundle run, in seconds. The platform answers HTTP 504 when a
+#: run is too slow and does not publish its limit; 600 s (10 min) is this tool's stand-in, the
+#: usual upper setting of a gateway read time-out. Override with ``timeout=`` / ``--timeout``.
+DEFAULT_TIMEOUT_S = 600.0
+#: Variables passed through to the bundle (when set); everything else is dropped.
+PASS_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+            "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "CUDA_VISIBLE_DEVICES", "GLACIER_DEVICE")
 
 _HARNESS = r'''
 import importlib.abc, importlib.util, json, os, sys, time
@@ -44,7 +61,12 @@ if conv == "import-call":
     result = mod.maskgeration(band_dict, model if os.path.exists(model) else None)
     import numpy as np
     assert isinstance(result, dict), "maskgeration must return a dict, got %r" % type(result)
-    np.savez_compressed(os.path.join(out, "returned.npz"), **{str(k): v for k, v in result.items()})
+    # an .npz written member by member: savez(**ids) breaks on ids such as "file" (its own argument name)
+    import zipfile
+    with zipfile.ZipFile(os.path.join(out, "returned.npz"), "w", zipfile.ZIP_DEFLATED) as zf:
+        for k, v in result.items():
+            with zf.open(str(k) + ".npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(v), allow_pickle=False)
     bad = {str(k): str(getattr(v, "dtype", type(v))) for k, v in result.items() if getattr(v, "dtype", None) != np.uint8}
     if bad:
         raise SystemExit("non-uint8 masks returned: %r" % bad)
@@ -87,50 +109,76 @@ def _read_masks(out_dir: str, convention: str) -> Dict[str, np.ndarray]:
     if convention == "import-call":
         path = os.path.join(out_dir, "returned.npz")
         if os.path.exists(path):
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 masks = {k: z[k] for k in z.files}
         return masks
+    owner: Dict[str, str] = {}
     for name in sorted(os.listdir(out_dir)):
-        if name.lower().endswith((".tif", ".tiff")):
-            masks[tile_id(name)] = read_band(os.path.join(out_dir, name))[0]
+        if name.lower().endswith((".tif", ".tiff")) and not name.startswith("."):
+            tid = tile_id(name)
+            if tid in owner:
+                raise ValueError(f"tile id collision in {out_dir}: {owner[tid]} and {name} both have the platform "
+                                 f"tile id {tid!r}; rename one of the inputs")
+            owner[tid] = name
+            masks[tid] = read_band(os.path.join(out_dir, name))[0]
     return masks
 
 
 def run_bundle(bundle: str, data: str, convention: str = "imagepath", out_dir: Optional[str] = None,
                timeout: Optional[float] = None, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                block: bool = True) -> RunResult:
-    """Run ``bundle/solution.py`` on ``data`` in a subprocess under one platform convention."""
+    """Run ``bundle/solution.py`` on ``data`` in a subprocess under one platform convention.
+
+    ``out_dir`` (default: a folder inside the run's scratch space, removed with it) must be
+    empty: only what this run writes is read back. ``timeout`` defaults to
+    :data:`DEFAULT_TIMEOUT_S`; ``env`` adds variables to the minimal environment."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention {convention!r} unknown; use one of {CONVENTIONS}")
     bundle = os.path.abspath(bundle)
     if not os.path.isfile(os.path.join(bundle, "solution.py")):
         raise FileNotFoundError(f"{bundle} has no solution.py; build it with `glacier-submit build`")
-    out_dir = os.path.abspath(out_dir or tempfile.mkdtemp(prefix="glacier-run-"))
-    os.makedirs(out_dir, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="glacier-cwd-")  # not the bundle, not the repo
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "GLACIER_"))}
-    e.update({"GLACIER_SANDBOX_BLOCK": json.dumps(list(BLOCKED) if block else []),
-              "GLACIER_SANDBOX_REPO": repo, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"})
-    e.update(env or {})
-    cmd = [python or sys.executable, "-c", _HARNESS, convention, bundle, os.path.abspath(data), out_dir]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.time()
-    timed_out = False
+    own_out = out_dir is None
+    scratch = tempfile.mkdtemp(prefix="glacier-sandbox-")  # cwd, HOME, TMPDIR; removed afterwards
     try:
-        proc = subprocess.run(cmd, cwd=workdir, env=e, capture_output=True, text=True, timeout=timeout)
-        rc, so, se = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        timed_out, rc = True, -9
-        so = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        se = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        se += f"\n[glacier-submit] killed after the {timeout:.0f} s timeout"
-    seconds = time.time() - t0
-    for line in so.splitlines():
-        if line.startswith("GLACIER_SANDBOX_SECONDS="):
-            seconds = float(line.split("=", 1)[1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = RunResult(convention, rc, seconds, max(peak, before) / 1024.0, so, se, out_dir, timed_out)
-    if res.ok:
-        res.masks = _read_masks(out_dir, convention)
-    return res
+        out_dir = os.path.abspath(out_dir or os.path.join(scratch, "out"))
+        os.makedirs(out_dir, exist_ok=True)
+        if os.listdir(out_dir):
+            raise ValueError(f"output folder {out_dir} is not empty; the bundle must write into an empty folder "
+                             "so that only this run's masks are read (remove it or pick another)")
+        workdir = os.path.join(scratch, "cwd")  # not the bundle, not the repo
+        home = os.path.join(scratch, "home")
+        tmp = os.path.join(scratch, "tmp")
+        for d in (workdir, home, tmp):
+            os.makedirs(d)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        e = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+        e.setdefault("PATH", os.defpath)
+        e.setdefault("LANG", "C.UTF-8")
+        e.update({"HOME": home, "TMPDIR": tmp, "GLACIER_SANDBOX_BLOCK": json.dumps(list(BLOCKED) if block else []),
+                  "GLACIER_SANDBOX_REPO": repo, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"})
+        e.update(env or {})
+        limit = DEFAULT_TIMEOUT_S if timeout is None else timeout
+        cmd = [python or sys.executable, "-c", _HARNESS, convention, bundle, os.path.abspath(data), out_dir]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t0 = time.time()
+        timed_out = False
+        try:
+            proc = subprocess.run(cmd, cwd=workdir, env=e, capture_output=True, text=True, timeout=limit)
+            rc, so, se = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            timed_out, rc = True, -9
+            so = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            se = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            se += f"\n[glacier-submit] killed after the {limit:.0f} s timeout"
+        seconds = time.time() - t0
+        for line in so.splitlines():
+            if line.startswith("GLACIER_SANDBOX_SECONDS="):
+                seconds = float(line.split("=", 1)[1])
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        res = RunResult(convention, rc, seconds, max(peak, before) / 1024.0, so, se, "" if own_out else out_dir,
+                        timed_out)
+        if res.ok:
+            res.masks = _read_masks(out_dir, convention)
+        return res
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -32,22 +32,32 @@ def code_version() -> str:
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
     """``torch.save`` through the one atomic writer (fsync + rename)."""
     from glacier_runtime.atomic import atomic_write_with
+    from glacier_runtime.safeload import plain
 
-    atomic_write_with(path, lambda tmp: torch.save(obj, tmp))
+    safe = plain(obj, f"checkpoint {path}")  # refuses anything torch.load(weights_only=True) would refuse
+    atomic_write_with(path, lambda tmp: torch.save(safe, tmp))
 
 
 class CheckpointError(ValueError):
     pass
 
 
-def load_checkpoint(path: str, full: bool = False) -> Dict[str, Any]:
-    """Load and check a member checkpoint; errors name the file and what is wrong."""
+def load_state(path: str, what: str = "checkpoint", fix: str = "re-run training to rewrite it") -> Any:
+    """``torch.load(weights_only=True)``, never a full unpickle: a file holding anything but
+    tensors and plain types is refused with a :class:`CheckpointError` naming it."""
+    from glacier_runtime.safeload import UnsafeFileError, safe_load
+
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"{what} {path} not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=not full)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load {path}: {exc}. Is it a complete glacier checkpoint?") from exc
+        return safe_load(path, what, fix)
+    except UnsafeFileError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load and check a member checkpoint (weights only); errors name the file and what is wrong."""
+    ck = load_state(path, "checkpoint", "re-run training (`glacier-train cv`) to rewrite it")
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a glacier member checkpoint (format {ck.get('format') if isinstance(ck, dict) else type(ck)}); "

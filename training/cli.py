@@ -30,11 +30,15 @@ def cli(verbose: bool) -> None:
 @click.option("--size", nargs=2, type=click.IntRange(32, 8192), default=(512, 512), show_default=True, help="Tile height and width in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed writes the same files.")
 @click.option("--unseen-tiles", default=0, show_default=True, type=click.IntRange(0, 10_000), help="Also write an 'unseen region' split (shifted illumination, elevation, class mix) to OUT/unseen with test-style names img001.tif.")
-def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: int) -> None:
+@click.option("--force", is_flag=True, help="Write even into a folder holding files synth did not write (they may be overwritten).")
+def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: int, force: bool) -> None:
     """Write the synthetic benchmark in the exact competition layout."""
-    from training.data.synth import generate_dataset
+    from training.data.synth import ForeignFilesError, generate_dataset
 
-    res = generate_dataset(out, tiles, tuple(size), seed, unseen_tiles)
+    try:
+        res = generate_dataset(out, tiles, tuple(size), seed, unseen_tiles, force=force)
+    except ForeignFilesError as exc:
+        raise click.ClickException(str(exc)) from exc
     for split, ids in res.items():
         click.echo(f"wrote {len(ids)} tiles of {size[0]}x{size[1]} to {os.path.join(out, split)}")
 
@@ -94,7 +98,7 @@ def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
 @LABEL_MODE
 def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -> None:
     """Write k folds over tiles, stratified on rare classes and grouped spatially."""
-    from training.folds import make_folds, save_folds
+    from training.folds import data_provenance, dataset_files, make_folds, save_folds
 
     ds = _open(data, label_mode)
     counts = {key: ds.class_pixels(key).tolist() for key in ds.keys}
@@ -103,6 +107,7 @@ def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     result["data"] = os.path.abspath(data)
+    result["provenance"] = data_provenance(dataset_files(ds))  # evaluate --folds checks it is the same data
     save_folds(result, out)
     names = ds.class_names
     click.echo(f"{'fold':>4}  {'tiles':>5}  " + "  ".join(f"{n:>12}" for n in names))

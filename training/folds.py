@@ -101,6 +101,60 @@ def make_folds(
     }
 
 
+def data_provenance(files: Mapping[str, Mapping[str, Optional[str]]]) -> Dict:
+    """What folds.json was made from: the tile ids and one sha256 over every file of those
+    tiles (band files and labels; names and bytes), so ``evaluate --folds`` can check that
+    it is given the same data. ``files``: ``{tile key: {band or 'label': path}}``."""
+    import hashlib
+    import os
+
+    total = hashlib.sha256()
+    n = 0
+    for key in sorted(files):
+        for part in sorted(files[key]):
+            path = files[key][part]
+            if not path:
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            total.update(f"{key}\0{part}\0{os.path.basename(path)}\0{h.hexdigest()}\n".encode())
+            n += 1
+    return {"tiles": sorted(files), "files": n, "content_sha256": total.hexdigest()}
+
+
+def dataset_files(ds) -> Dict[str, Dict[str, Optional[str]]]:
+    """``{tile key: {band: path, 'label': path}}`` of a CompetitionDataset, for :func:`data_provenance`."""
+    return {k: {**dict(info.bands), "label": info.label} for k, info in ds.tiles.items()}
+
+
+def check_provenance(folds: Dict, ds, path: str) -> Optional[str]:
+    """None when ``folds`` was made from ``ds`` (same tile ids, same file contents); else what
+    differs. Raises ``ValueError`` naming the difference; returns a note when ``folds`` predates
+    provenance (nothing to check)."""
+    prov = folds.get("provenance")
+    if not prov:
+        return (f"{path} records no data provenance (made by an older `glacier-train folds`): cannot check it "
+                "was made from this data; recreate it with `glacier-train folds DATA`")
+    files = dataset_files(ds)
+    if any(f.get("label") for f in files.values()):  # folds are made from labelled tiles only
+        files = {k: f for k, f in files.items() if f.get("label")}
+    have = data_provenance(files)
+    if have["tiles"] != prov.get("tiles"):
+        extra = sorted(set(have["tiles"]) - set(prov.get("tiles") or []))
+        lost = sorted(set(prov.get("tiles") or []) - set(have["tiles"]))
+        raise ValueError(f"{path} was made from other data than {ds.root}: tiles only here {extra[:10]}, tiles only "
+                         f"in folds.json {lost[:10]}. Use the folds.json made from this folder "
+                         "(`glacier-train folds DATA`).")
+    if have["content_sha256"] != prov.get("content_sha256"):
+        raise ValueError(f"{path} was made from the same tile ids but different file contents than {ds.root} "
+                         f"(sha256 {prov.get('content_sha256', '')[:12]}... vs {have['content_sha256'][:12]}...): the "
+                         "data changed since the folds were made. Recreate them with `glacier-train folds DATA` "
+                         "(and retrain) or evaluate the data they were made from.")
+    return None
+
+
 def save_folds(folds: Dict, path: str) -> None:
     from glacier_runtime.atomic import atomic_write_bytes
 

@@ -30,7 +30,7 @@ from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
 from glacier_runtime.tiles import BAND_FOLDERS
 from training.augment import build_augment
-from training.checkpoint import FORMAT, code_version, save_atomic
+from training.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
 from training.dataset import PatchDataset
 from training.distributed import DistContext
@@ -178,7 +178,7 @@ class Trainer:
         epoch to train."""
         if not os.path.exists(self.last_path):
             return self.start_epoch
-        ck = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        ck = load_state(self.last_path, "resume state", "delete it to start this member afresh")
         if not (ck.get("fold") == self.fold and ck.get("seed") == self.seed
                 and ck.get("config") == self.cfg.model_dump()):
             if self.ctx.is_main:
@@ -340,7 +340,7 @@ class Trainer:
         result: Dict[str, Any] = {"fold": self.fold, "seed": self.seed, "best_mcc": self.best_mcc}
         if not self.ctx.is_main:
             return result
-        best = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        best = load_state(self.best_path, "best-epoch checkpoint", "delete it and re-run")
         self.model.load_state_dict(best["state_dict"])
         per_class: List[Dict[str, Any]] = []
         per_tile: Dict[str, float] = {}

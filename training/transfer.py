@@ -19,7 +19,9 @@ def load_init_state(path: str, cfg, report: list = None) -> Dict[str, torch.Tens
     from training.bands import map_bands
     from training.models import create_model, model_spec
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    from training.checkpoint import load_state
+
+    ck = load_state(path, "--init-from checkpoint", "re-run pre-training to rewrite it")
     sd = ck.get("state_dict", ck) if isinstance(ck, dict) else ck
     if isinstance(ck, dict) and ck.get("sensor") and ck.get("bands"):
         # raises BandMappingError naming both bands if roles differ

@@ -239,8 +239,9 @@ def _write_tif(path: str, arr: np.ndarray) -> None:
 
 
 def write_split(out: str, n_tiles: int, size: Tuple[int, int], seed: int, region: Region,
-                naming: str = "train") -> List[str]:
-    """Write ``n_tiles`` tiles of one scene in the competition layout; returns tile ids."""
+                naming: str = "train", written: Optional[List[str]] = None) -> List[str]:
+    """Write ``n_tiles`` tiles of one scene in the competition layout; returns tile ids
+    (and appends every file path written to ``written`` when given)."""
     cols = int(math.ceil(math.sqrt(n_tiles)))
     rows = int(math.ceil(n_tiles / cols))
     bands, labels = generate_scene(rows, cols, size, seed, region)
@@ -263,19 +264,72 @@ def write_split(out: str, n_tiles: int, size: Tuple[int, int], seed: int, region
         for b in range(5):
             _write_tif(os.path.join(out, BAND_FOLDERS[b], names[b]), np.ascontiguousarray(bands[b, ys, xs]))
         _write_tif(os.path.join(out, "label", lname), lut[labels[ys, xs]])
+        if written is not None:
+            written += [os.path.join(out, f"Band{b + 1}", names[b]) for b in range(5)]
+            written.append(os.path.join(out, "label", lname))
         ids.append(tid)
     return ids
 
 
+#: Written into every folder ``generate_dataset`` writes: the files it wrote (relative paths).
+SYNTH_MARKER = ".glacier-synth.json"
+
+
+class ForeignFilesError(ValueError):
+    """The output folder holds files the generator did not write (e.g. real data)."""
+
+
+def _our_files(out: str) -> List[str]:
+    import json
+
+    try:
+        with open(os.path.join(out, SYNTH_MARKER)) as fh:
+            return list(json.load(fh).get("files", []))
+    except (OSError, ValueError):
+        return []
+
+
+def foreign_files(out: str) -> List[str]:
+    """Files under ``out`` (relative paths) that no earlier ``generate_dataset`` listed in its marker."""
+    if not os.path.isdir(out):
+        return []
+    ours = set(_our_files(out))
+    found = []
+    for folder, _, files in os.walk(out):
+        for f in files:
+            rel = os.path.relpath(os.path.join(folder, f), out)
+            if rel != SYNTH_MARKER and rel not in ours:
+                found.append(rel)
+    return sorted(found)
+
+
 def generate_dataset(out: str, n_tiles: int = 25, size: Tuple[int, int] = (512, 512), seed: int = 0,
-                     unseen_tiles: int = 0) -> Dict[str, List[str]]:
-    """Write ``out/train`` (grid naming) and, if asked, ``out/unseen`` (test naming)."""
+                     unseen_tiles: int = 0, force: bool = False) -> Dict[str, List[str]]:
+    """Write ``out/train`` (grid naming) and, if asked, ``out/unseen`` (test naming).
+
+    Refuses (:class:`ForeignFilesError`) a folder holding files it did not write (real data
+    shares the competition's file names and would be overwritten) unless ``force``; what it
+    writes is listed in ``out/.glacier-synth.json``."""
+    import json
+
+    from glacier_runtime.atomic import atomic_write_text
+
     if n_tiles < 1:
         raise ValueError(f"--tiles must be >= 1, got {n_tiles}")
     if min(size) < 32:
         raise ValueError(f"--size must be at least 32x32, got {size}")
-    result = {"train": write_split(os.path.join(out, "train"), n_tiles, size, seed, TRAIN_REGION, "train")}
+    foreign = foreign_files(out)
+    if foreign and not force:
+        raise ForeignFilesError(
+            f"{out} holds {len(foreign)} files that `glacier-train synth` did not write (e.g. "
+            f"{', '.join(foreign[:3])}); synthetic tiles use the competition's file names and would overwrite "
+            "them. Pick an empty or new folder, or pass --force to write into it anyway.")
+    written: List[str] = []
+    result = {"train": write_split(os.path.join(out, "train"), n_tiles, size, seed, TRAIN_REGION, "train", written)}
     if unseen_tiles:
         result["unseen"] = write_split(os.path.join(out, "unseen"), unseen_tiles, size, seed + 10_000,
-                                       UNSEEN_REGION, "test")
+                                       UNSEEN_REGION, "test", written)
+    ours = set(_our_files(out)) | {os.path.relpath(p, out) for p in written}
+    atomic_write_text(os.path.join(out, SYNTH_MARKER),
+                      json.dumps({"tool": "glacier-train synth", "files": sorted(ours)}, indent=1) + "\n")
     return result
