@@ -34,8 +34,26 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
                  manifest: Dict[str, Any], max_tiles: int = 6, figures: bool = True) -> List[str]:
     """report.md and report.html, with PNG figures when ``figures`` (needs matplotlib)."""
     figs = _write_figures(out, r, ds, keys, preds, max_tiles) if figures else []
+    figs += training_curves(out, manifest)
     _write_md_html(out, r, manifest, figs)
     return figs
+
+
+def training_curves(out: str, manifest: Dict[str, Any]) -> List[str]:
+    """The members' training curves (``curves.png`` written by ``glacier-train cv`` beside
+    them), copied into the report when the members' folder is still there."""
+    from glacier_runtime.atomic import atomic_write_bytes
+
+    found: List[str] = []
+    folders = sorted({os.path.dirname(str(m["source"])) for m in manifest.get("members", []) if m.get("source")})
+    for i, folder in enumerate(folders):
+        src = os.path.join(folder, "curves.png")
+        if os.path.isfile(src):
+            dst = os.path.join(out, "figures", "curves.png" if i == 0 else f"curves_{i}.png")
+            with open(src, "rb") as fh:
+                atomic_write_bytes(dst, fh.read())
+            found.append(dst)
+    return found
 
 
 def _write_figures(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
@@ -140,8 +158,15 @@ def render_report(r: Dict[str, Any]) -> str:
     if "mcc" in r:
         lines.append(f"MCC over all pixels of {len(r['tiles'])} tiles: {r['mcc']:.4f}")
         lines.append(f"{'class':<12} {'MCC':>7} {'IoU':>7} {'F1':>7} {'support':>10}")
+        lines[-1] = (f"{'class':<12} {'MCC 1-vs-rest':>13} {'IoU':>7} {'recall':>7} {'precision':>9} {'F1':>7} "
+                     f"{'support':>10}")
         for c in r["per_class"]:
-            lines.append(f"{c['class']:<12} {c['mcc']:>7.3f} {c['iou']:>7.3f} {c['f1']:>7.3f} {c['support']:>10}")
+            lines.append(f"{c['class']:<12} {c['mcc']:>13.3f} {c['iou']:>7.3f} {c.get('recall', float('nan')):>7.3f} "
+                         f"{c.get('precision', float('nan')):>9.3f} {c['f1']:>7.3f} {c['support']:>10}")
+    if r.get("grade"):
+        from training.grading import render_grade
+
+        lines += ["", "graded against training/targets.yaml (evaluate):", render_grade(r["grade"]), ""]
     budget = r.get("time_budget_s")
     lines.append(f"time: {r['seconds']:.1f} s total, {r['seconds_per_tile']:.2f} s per tile"
                  + (f" (budget {budget:.2f} s per tile: {'OK' if r['seconds_per_tile'] <= budget else 'OVER'})" if budget else "")

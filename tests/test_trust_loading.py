@@ -126,11 +126,12 @@ def test_resume_state_refused(synth_data, tmp_path):
 def test_best_checkpoint_refused(synth_data, tmp_path, monkeypatch):
     """The best-epoch checkpoint is re-read at the end of a run: a crafted one is refused."""
     import training.loop as loop
+    import training.trainer as trainer
     from training.checkpoint import CheckpointError
 
     cfg, ds, tr, va = _tiny_training(synth_data)
     marker = str(tmp_path / "PWNED")
-    real_save = loop.save_atomic
+    real_save = trainer.save_atomic
 
     def swap_best(obj, path):
         if os.path.basename(path) == "best.pt":
@@ -138,7 +139,7 @@ def test_best_checkpoint_refused(synth_data, tmp_path, monkeypatch):
         else:
             real_save(obj, path)
 
-    monkeypatch.setattr(loop, "save_atomic", swap_best)
+    monkeypatch.setattr(trainer, "save_atomic", swap_best)
     with pytest.raises(CheckpointError, match="best-epoch checkpoint"):
         loop.train_member(cfg, ds, tr, va, 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "work"), progress=False)
     assert not os.path.exists(marker)
