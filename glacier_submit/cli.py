@@ -68,8 +68,9 @@ def cli(verbose: bool) -> None:
 @click.option("--check-data", type=click.Path(exists=True, file_okay=False), help="Take the timing check tile from this folder (default: a synthetic 512x512 tile).")
 @click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
+@click.option("--max-members", type=click.IntRange(min=1), default=None, help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
 def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, precision, max_mb, time_budget,
-          test_tiles, check_data, single_file, device):
+          test_tiles, check_data, single_file, device, max_members):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
     from training.checkpoint import CheckpointError
@@ -79,11 +80,11 @@ def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, 
         m = do_build(_expand(models), out, tta=_tta(tta), scales=_floats(scales, "--scales"), merge=merge,
                      weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
-                     check_data=check_data, single_file=single_file, device=device)
+                     check_data=check_data, single_file=single_file, device=device, max_members=max_members)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))
-    click.echo(f"\nwrote {out}/solution.py, model.pth, manifest.json, submission.zip")
+    click.echo(f"\nwrote {out}/" + ", ".join(sorted(m["files"])) + ", manifest.json, submission.zip")
 
 
 @cli.command()
