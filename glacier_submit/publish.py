@@ -18,6 +18,8 @@ from typing import Dict, List
 from glacier_runtime.atomic import TEMP_PREFIX, atomic_write_bytes, remove_stale_temps
 
 BUNDLE_FILES = ("solution.py", "model.pth", "manifest.json", "submission.zip")
+#: What running a bundle leaves beside it (importing solution.py); replaced with the rest.
+REGENERATED = ("__pycache__",)
 
 
 def _siblings(out: str, tag: str) -> List[str]:
@@ -41,7 +43,7 @@ def prepare_out(out: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     remove_stale_temps(out)
     if os.path.isdir(out):
-        foreign = sorted(n for n in os.listdir(out) if n not in BUNDLE_FILES)
+        foreign = sorted(n for n in os.listdir(out) if n not in BUNDLE_FILES and n not in REGENERATED)
         if foreign:
             raise ValueError(
                 f"--out {out} holds files that are not part of a bundle: {foreign}. A build replaces the whole "
