@@ -13,7 +13,7 @@ Rules (each switchable, parameterised, applied in list order):
   become ``to`` (background by default).
 
 A config is a list of dicts ``{"rule": name, "class": id, ...}``; presets live in
-``configs/postprocess/``.
+``glacier_submit/presets/``.
 """
 from __future__ import annotations
 

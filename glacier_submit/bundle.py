@@ -1,6 +1,10 @@
-"""``glacier-submit build``: members -> solution.py + model.pth + manifest.json + zip,
-within a size budget (fp16 fallback, then refusal with what to drop) and a time budget
-(measured on a check tile; TTA/scales reduced in a documented order)."""
+"""``glacier-submit build``: members -> solution.py + model.pth + manifest.json + zip.
+
+Steps, one function each: load members (pre-training checkpoints skipped), choose the
+backend, store weights in fp16 when fp32 is over the size budget, choose members under it
+(every fold represented; ``--max-members``), fit the time budget (TTA/scales first, then
+members), tune the bias, render, check the upload size, and publish the four files as one
+set. Nothing in ``out`` changes before every budget is met."""
 from __future__ import annotations
 
 import hashlib
@@ -18,36 +22,51 @@ import torch
 
 from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
-from glacier_runtime.atomic import atomic_write_bytes
+from glacier_submit.publish import prepare_out, publish_bundle
+from glacier_submit.selection import drop_weakest, folds_missing, render_table, select_members
 from glacier_runtime.predictor import Predictor
 from glacier_runtime.tta import resolve_views
 
 log = logging.getLogger("glacier.build")
 MB = 1024 * 1024
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: What --time-budget drops first: extra scales, then D4 -> flips, then flips -> none.
-DROP_ORDER_DOC = "1) extra scales, 2) D4 -> flips, 3) flips -> no TTA; members are never dropped silently"
+#: What --time-budget drops first: extra scales, then D4 -> flips, then flips -> none, then members.
+DROP_ORDER_DOC = ("1) extra scales, 2) D4 -> flips, 3) flips -> no TTA, 4) the weakest members "
+                  "(each drop is in the member table)")
+#: How members are chosen under the size budget (glacier_submit/selection.py).
+SELECTION_DOC = ("strongest by validation MCC, each fold's strongest first, kept while the upload fits "
+                 "--max-mb and --max-members (greedy); fp16 first when fp32 does not fit")
 
 
 class BudgetError(RuntimeError):
     """The bundle cannot meet its size budget; the message has the table and the fix."""
 
 
+def preset_names() -> List[str]:
+    """Post-processing presets shipped inside the package (glacier_submit/presets/)."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("glacier_submit").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_postprocess(preset: Optional[str]) -> List[Dict[str, Any]]:
-    """A preset name from configs/postprocess/ or a YAML path -> rule list."""
+    """A preset name (shipped as package data, found from any install) or a YAML path -> rule list."""
     import yaml
+    from importlib.resources import files
 
     from glacier_runtime.postprocess import validate_rules
 
     if not preset or preset == "none":
         return []
-    path = preset if os.path.isfile(preset) else os.path.join(REPO, "configs", "postprocess", f"{preset}.yaml")
-    if not os.path.isfile(path):
-        names = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", "postprocess")) if f.endswith(".yaml"))
-        raise ValueError(f"post-processing preset {preset!r} not found; use one of {names} or a YAML path")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    if os.path.isfile(preset):
+        with open(preset) as fh:
+            text = fh.read()
+    else:
+        res = files("glacier_submit").joinpath("presets").joinpath(f"{preset}.yaml")
+        if not res.is_file():
+            raise ValueError(f"post-processing preset {preset!r} not found; use one of {preset_names()} or a YAML path")
+        text = res.read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
     return validate_rules(data.get("rules", []))
 
 
@@ -60,8 +79,10 @@ def serialise(payload: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def check_tile(data: Optional[str] = None, size: Tuple[int, int] = (512, 512)) -> np.ndarray:
-    """A real tile from ``data`` if given, else a synthetic 512x512 scene tile."""
+def check_tile(stats: Dict[str, Any], data: Optional[str] = None, size: Tuple[int, int] = (512, 512)) -> np.ndarray:
+    """The tile the build times and checks fp16 on: a real tile from ``data`` when given,
+    else a deterministic one in the members' value range (smooth seeded fields scaled by
+    each band's training mean and std, clipped to its robust range)."""
     if data:
         from glacier_runtime.tiles import list_tiles, read_tile
 
@@ -69,9 +90,19 @@ def check_tile(data: Optional[str] = None, size: Tuple[int, int] = (512, 512)) -
         for paths in tiles.values():
             if len(paths) == 5:
                 return read_tile(paths)
-    from training.data.synth import generate_scene
-
-    return generate_scene(1, 1, size, seed=123)[0]
+    h, w = size
+    rng = np.random.default_rng(123)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / np.float32(max(h, w))
+    mean, std, lo, hi = (np.asarray(stats[k], np.float32) for k in ("mean", "std", "lo", "hi"))
+    bands = []
+    for b in range(mean.shape[0]):
+        z = 0.3 * rng.standard_normal((h, w)).astype(np.float32)
+        for f in (1.5, 4.0, 11.0, 29.0):  # blobs from scene to speck size
+            a, p = rng.uniform(0, 2 * np.pi, 2)
+            z += np.sin(2 * np.pi * f * (np.cos(a) * xx + np.sin(a) * yy) + p).astype(np.float32) / np.sqrt(f)
+        z = (z - z.mean()) / max(float(z.std()), 1e-6) * 1.5
+        bands.append(np.clip(mean[b] + std[b] * z, lo[b], hi[b]))
+    return np.stack(bands).astype(np.float32)
 
 
 def time_predictor(payload: Dict[str, Any], tile: np.ndarray, device: str = "cpu",
@@ -114,55 +145,95 @@ def candidate_settings(tta, scales: Sequence[float]) -> List[Tuple[Any, List[flo
     return uniq
 
 
-def size_table(entries: List[Dict[str, Any]], fp16: bool) -> str:
-    rows = []
-    for e in entries:
-        n = sum(v.numel() * (2 if fp16 and v.is_floating_point() else v.element_size()) for v in e["state_dict"].values())
-        rows.append((e["name"], e["meta"].get("val_mcc"), n / MB))
-    lines = [f"{'member':<20} {'val MCC':>8} {'MB':>8}"]
-    lines += [f"{n:<20} {(m if m is not None else float('nan')):>8.4f} {s:>8.1f}" for n, m, s in rows]
-    return "\n".join(lines)
-
-
-def members_to_drop(entries: List[Dict[str, Any]], budget_bytes: int, overhead: int) -> List[str]:
-    """Smallest set (weakest first) whose removal brings an fp16 payload under budget."""
-    sizes = {e["name"]: sum(v.numel() * (2 if v.is_floating_point() else v.element_size())
-                            for v in e["state_dict"].values()) for e in entries}
-    order = sorted(entries, key=lambda e: (e["meta"].get("val_mcc") or 0.0))
-    total = sum(sizes.values()) + overhead
-    drop = []
-    for e in order:
-        if total <= budget_bytes:
-            break
-        drop.append(e["name"])
-        total -= sizes[e["name"]]
-    return drop
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[float] = (1.0,), merge: str = "mean",
-          weights: Optional[Sequence[float]] = None, postprocess: Optional[str] = "none", backend: str = "auto",
-          max_mb: float = 300.0, time_budget: Optional[float] = None, test_tiles: int = 100,
-          precision: str = "auto", bias: Any = "auto", check_data: Optional[str] = None,
-          single_file: bool = False, device: str = "cpu", window: int = 1024) -> Dict[str, Any]:
-    """Build a bundle; returns the manifest (also written to ``out/manifest.json``)."""
-    from training.models import runtime_supports
+# ---- build steps ----------------------------------------------------------------------------
 
-    entries = load_members(models)
-    names = [e["name"] for e in entries]
-    if weights is not None:
-        if len(weights) != len(entries):
-            raise ValueError(f"--weights has {len(weights)} values for {len(entries)} members")
-        for e, w in zip(entries, weights):
-            e["weight"] = float(w)
-        merge = "weighted"
-    resolve_views(tta)  # validate early
-    notes: List[str] = []
+def blob_budget(budget: int, source_bytes: int, single_file: bool) -> int:
+    """Bytes model.pth may take: the upload (solution.py + model.pth) within ``budget``;
+    --single-file embeds it base64 (4/3) in solution.py beside the runtime source."""
+    room = budget - source_bytes
+    return (room - 512) * 3 // 4 if single_file else room
 
-    # bias: tuned on out-of-fold predictions when they exist
+
+def tensor_bytes(entry: Dict[str, Any], fp16: bool) -> int:
+    n = sum(v.numel() * (2 if fp16 and v.is_floating_point() else v.element_size()) for v in entry["state_dict"].values())
+    onnx = entry.get("onnx")
+    return n + (onnx.numel() if isinstance(onnx, torch.Tensor) else len(onnx or b""))
+
+
+def member_sizes(entries: List[Dict[str, Any]], inference: Dict[str, Any], fp16: bool) -> Tuple[Dict[str, int], int]:
+    """Each member's serialised share of model.pth (in the stored precision) and the bytes
+    of a payload without members; shares add up to the payload's size within bytes."""
+    empty = make_payload(entries[:1], inference)
+    empty["members"] = []
+    base = len(serialise(empty))
+    sizes = {}
+    for e in entries:
+        one = make_payload([e], inference)
+        one = cast_payload(one, torch.float16) if fp16 else one
+        sizes[e["name"]] = len(serialise(one)) - base
+    return sizes, base
+
+
+def choose_precision(entries: List[Dict[str, Any]], inference: Dict[str, Any], precision: str, room: int,
+                     notes: List[str]) -> bool:
+    """fp16 when asked, or (auto) when every member in fp32 would exceed the budget."""
+    if precision != "auto":
+        return precision == "fp16"
+    raw = sum(tensor_bytes(e, False) for e in entries)
+    total = raw if raw > room else len(serialise(make_payload(entries, inference)))
+    if total > room:
+        notes.append(f"fp32 weights of {len(entries)} members are {total / MB:.1f} MB > {room / MB:.1f} MB "
+                     "left for model.pth: stored in fp16")
+        return True
+    return False
+
+
+def choose_members(entries: List[Dict[str, Any]], inference: Dict[str, Any], fp16: bool, room: int,
+                   max_members: Optional[int]) -> List[Dict[str, Any]]:
+    """The selection table (see glacier_submit/selection.py); BudgetError if no member fits."""
+    sizes, base = member_sizes(entries, inference, fp16)
+    rows = [{"name": e["name"], "fold": e["meta"]["fold"], "seed": e["meta"]["seed"],
+             "val_mcc": e["meta"]["val_mcc"], "bytes": sizes[e["name"]]} for e in entries]
+    table = select_members(rows, room, base, max_members)
+    if not any(r["kept"] for r in table):
+        raise BudgetError(
+            f"no member fits: the smallest needs {min(sizes.values()) / MB:.1f} MB "
+            f"({'fp16' if fp16 else 'fp32'}) and {room / MB:.1f} MB are left for the weights.\n"
+            f"{render_table(table)}\nRaise --max-mb if the platform allows it, or train a smaller encoder.")
+    return table
+
+
+def fit_time(payload: Dict[str, Any], tile: np.ndarray, device: str, tta: Any, scales: Sequence[float],
+             time_budget: Optional[float], table: List[Dict[str, Any]], notes: List[str]):
+    """Time the requested setting; with a budget, cheaper TTA/scales follow in the documented
+    order, then the weakest members go (marked in ``table``). Returns (timing, (tta, scales))."""
+    candidates = candidate_settings(tta, scales) if time_budget is not None else [(tta, list(scales))]
+    for chosen in candidates:
+        timing = time_predictor(payload, tile, device, {"tta": chosen[0], "scales": chosen[1]})
+        if time_budget is None or timing["tile_s"] <= time_budget:
+            break
+    if chosen != (tta, list(scales)):  # only a time budget picks another setting
+        notes.append(f"time budget {time_budget:.2f} s/tile: TTA {tta!r} x scales {list(scales)} reduced to "
+                     f"{chosen[0]!r} x {chosen[1]} (drop order: {DROP_ORDER_DOC})")
+    while time_budget is not None and timing["tile_s"] > time_budget and len(payload["members"]) > 1:
+        n = len(payload["members"])
+        keep = min(n - 1, max(1, int(time_budget / (timing["tile_s"] / n))))
+        dropped = drop_weakest(table, keep, f"time budget: {n} members take {timing['tile_s']:.2f} s per tile "
+                                            f"> {time_budget:.2f} s")
+        payload["members"] = [e for e in payload["members"] if e["name"] not in dropped]
+        timing = time_predictor(payload, tile, device, {"tta": chosen[0], "scales": chosen[1]})
+    if time_budget is not None and timing["tile_s"] > time_budget:
+        notes.append(f"even the cheapest setting with one member takes {timing['tile_s']:.2f} s per tile "
+                     f"> the {time_budget:.2f} s budget")
+    return timing, chosen
+
+
+def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], notes: List[str]):
+    """Bias: given, none, or tuned on the out-of-fold predictions beside the members."""
     bias_info: Dict[str, Any] = {"mode": "none"}
     bias_values = None
     tuned_on: Dict[str, List[str]] = {}  # setting -> tile ids it was tuned on (evaluate's leakage guard)
@@ -186,19 +257,20 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
             tuned_on["bias"] = sorted(keys)
         else:
             notes.append("no out-of-fold predictions beside the members: bias left at 0")
+    return bias_values, bias_info
 
-    rules = load_postprocess(postprocess)
-    inference = {"tta": tta, "scales": [float(s) for s in scales], "merge": merge, "bias": bias_values,
-                 "window": window, "overlap": 0.25, "max_batch": "auto", "stride": 32, "postprocess": rules}
 
-    # backend
+def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, Dict[str, Any]]:
+    """Resolve ``auto``; for ONNX, export every member (parity-checked) into its entry."""
+    from training.models import runtime_supports
+
     supported = all(runtime_supports(e["spec"]) for e in entries)
     if backend == "auto":
         backend = "torch" if supported else "onnx"
     if backend == "torch" and not supported:
         bad = [e["name"] for e in entries if not runtime_supports(e["spec"])]
         raise ValueError(f"members {bad} have no pure-torch runtime twin; build with --backend onnx")
-    parity_report = {}
+    parity_report: Dict[str, Any] = {}
     if backend == "onnx":
         from glacier_submit.export import export_member, onnx_tensor
 
@@ -208,64 +280,93 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
             parity_report[e["name"]] = res["parity"]
             if not runtime_supports(e["spec"]):
                 e["state_dict"] = {}
+    return backend, parity_report
 
-    payload = make_payload(entries, inference)
-    tile = check_tile(check_data)
 
-    # size budget
+def check_upload(src_bytes: bytes, blob: bytes, single_file: bool, budget: int, max_mb: float) -> None:
+    """The last check before anything is written: the upload fits ``--max-mb``."""
+    total = len(src_bytes) + (0 if single_file else len(blob))
+    if total > budget:
+        what = "--single-file solution.py" if single_file else "solution.py + model.pth"
+        raise BudgetError(f"{what} is {total / MB:.1f} MB > {max_mb:.0f} MB; raise --max-mb or use --max-members")
+
+
+def zip_bundle(src_bytes: bytes, blob: Optional[bytes]) -> bytes:
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("solution.py", src_bytes)
+        if blob is not None:
+            z.writestr("model.pth", blob)
+    return zbuf.getvalue()
+
+
+def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[float] = (1.0,), merge: str = "mean",
+          weights: Optional[Sequence[float]] = None, postprocess: Optional[str] = "none", backend: str = "auto",
+          max_mb: float = 300.0, time_budget: Optional[float] = None, test_tiles: int = 100,
+          precision: str = "auto", bias: Any = "auto", check_data: Optional[str] = None,
+          single_file: bool = False, device: str = "cpu", window: int = 1024,
+          max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512)) -> Dict[str, Any]:
+    """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
+
+    Nothing in ``out`` changes until every budget is met; then the four files replace the
+    previous bundle as one set (glacier_submit/publish.py).
+    """
+    from glacier_submit.render import render_solution
+
+    prepare_out(out)
+    if max_members is not None and max_members < 1:
+        raise ValueError(f"--max-members must be at least 1 (got {max_members})")
+    notes: List[str] = []
+    entries = load_members(models, notes)
+    if weights is not None:
+        if len(weights) != len(entries):
+            raise ValueError(f"--weights has {len(weights)} values for {len(entries)} members")
+        for e, w in zip(entries, weights):
+            e["weight"] = float(w)
+        merge = "weighted"
+    resolve_views(tta)  # validate early
+    rules = load_postprocess(postprocess)
+    inference = {"tta": tta, "scales": [float(s) for s in scales], "merge": merge, "bias": None,
+                 "window": window, "overlap": 0.25, "max_batch": "auto", "stride": 32, "postprocess": rules}
+    backend, parity_report = prepare_backend(entries, backend)
+    tile = check_tile(entries[0]["stats"], check_data, check_size)
+    pip = ["onnxruntime"] if backend == "onnx" else []
+
+    # size budget: fp16 first, then the strongest members with every fold represented
     budget = int(max_mb * MB)
-    blob = serialise(payload)
-    fp16 = precision == "fp16"
+    room = blob_budget(budget, len(render_solution(__version__, pip).encode("utf-8")), single_file)
+    fp16 = choose_precision(entries, inference, precision, room, notes)
+    table = choose_members(entries, inference, fp16, room, max_members)
+    kept = {r["name"] for r in table if r["kept"]}
+    entries = [e for e in entries if e["name"] in kept]
+    payload = make_payload(entries, inference)
     agree16 = None
-    if precision == "auto" and len(blob) > budget:
-        fp16 = True
-        notes.append(f"fp32 weights are {len(blob) / MB:.1f} MB > {max_mb:.0f} MB: stored in fp16")
     if fp16:
         p16 = cast_payload(payload, torch.float16)
         if backend == "torch":
             agree16 = agreement(payload, p16, tile)
         payload = p16
-        blob = serialise(payload)
-    if len(blob) > budget:
-        overhead = len(blob) - sum(v.numel() * v.element_size() for e in payload["members"]
-                                   for v in e["state_dict"].values())
-        drop = members_to_drop(payload["members"], budget, max(overhead, 0))
-        raise BudgetError(
-            f"bundle is {len(blob) / MB:.1f} MB even in fp16, over the {max_mb:.0f} MB budget.\n"
-            f"{size_table(entries, True)}\n"
-            f"Drop these members (weakest first) to fit: {drop}, or raise --max-mb if the platform allows it.")
 
-    # time budget: the requested setting is timed once; with a budget, cheaper ones follow until one fits
-    candidates = candidate_settings(tta, scales) if time_budget is not None else [(tta, list(scales))]
-    for chosen in candidates:
-        timing = time_predictor(payload, tile, device, {"tta": chosen[0], "scales": chosen[1]})
-        if time_budget is None or timing["tile_s"] <= time_budget:
-            break
-    else:
-        notes.append(f"even the cheapest setting takes {timing['tile_s']:.2f} s per tile "
-                     f"> the {time_budget:.2f} s budget: use fewer members")
-    if chosen != (tta, list(scales)):  # only a time budget picks another setting
-        notes.append(f"time budget {time_budget:.2f} s/tile: TTA {tta!r} x scales {list(scales)} reduced to "
-                     f"{chosen[0]!r} x {chosen[1]} (drop order: {DROP_ORDER_DOC})")
-        payload["inference"]["tta"], payload["inference"]["scales"] = chosen[0], chosen[1]
-        blob = serialise(payload)
+    # time budget: TTA/scales in the documented order, then the weakest members
+    timing, chosen = fit_time(payload, tile, device, tta, scales, time_budget, table, notes)
+    payload["inference"]["tta"], payload["inference"]["scales"] = chosen[0], chosen[1]
+    kept = {r["name"] for r in table if r["kept"]}
+    entries = [e for e in entries if e["name"] in kept]
+    missing = folds_missing(table)
+    if missing:
+        notes.append(f"no member of folds {missing} fits the budgets: the bundle covers folds "
+                     f"{sorted({e['meta']['fold'] for e in entries})} only (raise --max-mb / --max-members)")
+    dropped = [r["name"] for r in table if not r["kept"]]
+    if dropped:
+        notes.append(f"kept {len(entries)} of {len(table)} members; dropped {dropped} (reasons in the member table)")
 
-    # write
-    from glacier_submit.render import render_solution
-
-    os.makedirs(out, exist_ok=True)
-    pip = ["onnxruntime"] if backend == "onnx" else []
+    bias_values, bias_info = tune_bias_auto(bias, entries, [e["name"] for e in entries], notes)
+    payload["inference"]["bias"] = bias_values
+    blob = serialise(payload)
     source = render_solution(__version__, pip, embedded=blob if single_file else None)
     src_bytes = source.encode("utf-8")
-    atomic_write_bytes(os.path.join(out, "solution.py"), src_bytes)
-    if single_file:
-        if os.path.exists(os.path.join(out, "model.pth")):
-            os.unlink(os.path.join(out, "model.pth"))
-        if len(src_bytes) > budget:
-            raise BudgetError(f"--single-file solution.py is {len(src_bytes) / MB:.1f} MB > {max_mb:.0f} MB; "
-                              "drop --single-file or members")
-    else:
-        atomic_write_bytes(os.path.join(out, "model.pth"), blob)
+    check_upload(src_bytes, blob, single_file, budget, max_mb)
+
     files = {"solution.py": {"bytes": len(src_bytes), "sha256": sha256(src_bytes)}}
     if not single_file:
         files["model.pth"] = {"bytes": len(blob), "sha256": sha256(blob)}
@@ -277,13 +378,15 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
                      "weight": e["weight"], "train_tiles": e["meta"]["train_tiles"],
                      "val_tiles": e["meta"]["val_tiles"], "sha": e["meta"]["sha"], "source": e["meta"]["source"]}
                     for e in entries],
+        "selection": {"rule": SELECTION_DOC, "max_members": max_members, "table": table,
+                      "folds": sorted({r["fold"] for r in table}), "folds_missing": missing},
         "tta": views, "scales": payload["inference"]["scales"], "merge": merge,
         "weights": [e["weight"] for e in entries], "bias": bias_info, "tuned_on_tiles": tuned_on, "postprocess": rules,
         "postprocess_preset": postprocess,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],
         "runtime": {"backend": backend, "precision": "fp16" if fp16 else "fp32", "fp16_agreement": agree16,
-                    "onnx_parity": parity_report, "single_file": single_file,
+                    "onnx_parity": {k: v for k, v in parity_report.items() if k in kept}, "single_file": single_file,
                     "built_with": {"python": _pyplatform.python_version(), "torch": torch.__version__}},
         "budget": {"max_mb": max_mb, "time_budget_s": time_budget},
         "timing": {"device": device, "machine": f"{_pyplatform.machine()} {os.cpu_count()} cores",
@@ -292,19 +395,25 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
                    "test_tiles": test_tiles, "estimated_total_s": round(timing["load_s"] + test_tiles * timing["tile_s"], 1)},
         "files": files, "notes": notes,
     }
-    man_bytes = (json.dumps(manifest, indent=2) + "\n").encode()
-    atomic_write_bytes(os.path.join(out, "manifest.json"), man_bytes)
-    zbuf = io.BytesIO()
-    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("solution.py", src_bytes)
-        if not single_file:
-            z.writestr("model.pth", blob)
-    atomic_write_bytes(os.path.join(out, "submission.zip"), zbuf.getvalue())
+    out_files = {"solution.py": src_bytes, "manifest.json": (json.dumps(manifest, indent=2) + "\n").encode(),
+                 "submission.zip": zip_bundle(src_bytes, None if single_file else blob)}
+    if not single_file:
+        out_files["model.pth"] = blob
+    publish_bundle(out, out_files)
     return manifest
 
 
 def render_manifest(m: Dict[str, Any]) -> str:
-    lines = [f"{'member':<16} {'fold':>4} {'seed':>4} {'arch':<16} {'val MCC':>8} {'weight':>7}"]
+    """The build's printed summary: which members were kept or dropped and why, then the
+    kept members, inference settings, size and time."""
+    lines = []
+    if m.get("selection"):
+        sel = m["selection"]
+        kept = sum(r["kept"] for r in sel["table"])
+        lines += [f"members: kept {kept} of {len(sel['table'])} (folds {sel['folds']}"
+                  + (f", missing {sel['folds_missing']}" if sel["folds_missing"] else ", all represented") + ")",
+                  render_table(sel["table"]), ""]
+    lines += [f"{'member':<16} {'fold':>4} {'seed':>4} {'arch':<16} {'val MCC':>8} {'weight':>7}"]
     for e in m["members"]:
         mcc = e["val_mcc"] if e["val_mcc"] is not None else float("nan")
         lines.append(f"{e['name']:<16} {e['fold']:>4} {e['seed']:>4} {e['arch'] + '/' + e['encoder']:<16} {mcc:>8.4f} {e['weight']:>7.3f}")

@@ -58,18 +58,19 @@ def cli(verbose: bool) -> None:
 @click.option("--scales", default="1", show_default=True, help="Comma list of test scales, e.g. 0.75,1,1.25.")
 @click.option("--merge", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True, help="Ensemble merge: mean, or weighted by validation MCC (or --weights).")
 @click.option("--weights", default=None, help="Comma list of member weights (implies --merge weighted).")
-@click.option("--postprocess", default="none", show_default=True, help="Preset in configs/postprocess (none, light, competition) or a YAML path.")
+@click.option("--postprocess", default="none", show_default=True, help="Preset shipped in glacier_submit/presets (none, light, competition) or a YAML path.")
 @click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members), none, or comma list per class.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb.")
 @click.option("--max-mb", default=300.0, show_default=True, type=float, help="Size budget for the uploaded files.")
-@click.option("--time-budget", default=None, type=float, help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> none).")
+@click.option("--time-budget", default=None, type=float, help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> none), then the weakest members.")
 @click.option("--test-tiles", default=100, show_default=True, type=int, help="Number of test tiles for the total time estimate.")
 @click.option("--check-data", type=click.Path(exists=True, file_okay=False), help="Take the timing check tile from this folder (default: a synthetic 512x512 tile).")
 @click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
+@click.option("--max-members", type=click.IntRange(min=1), default=None, help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
 def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, precision, max_mb, time_budget,
-          test_tiles, check_data, single_file, device):
+          test_tiles, check_data, single_file, device, max_members):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
     from training.checkpoint import CheckpointError
@@ -79,11 +80,11 @@ def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, 
         m = do_build(_expand(models), out, tta=_tta(tta), scales=_floats(scales, "--scales"), merge=merge,
                      weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
-                     check_data=check_data, single_file=single_file, device=device)
+                     check_data=check_data, single_file=single_file, device=device, max_members=max_members)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))
-    click.echo(f"\nwrote {out}/solution.py, model.pth, manifest.json, submission.zip")
+    click.echo(f"\nwrote {out}/" + ", ".join(sorted(m["files"])) + ", manifest.json, submission.zip")
 
 
 @cli.command()

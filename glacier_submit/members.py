@@ -3,13 +3,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, List, Sequence
+import logging
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from training.checkpoint import load_checkpoint
 
 PAYLOAD_FORMAT = "glacier-bundle/1"
+log = logging.getLogger("glacier.members")
+
+
+def checkpoint_kind(ck: Dict[str, Any]) -> str:
+    """``"member"`` or ``"pretrain"``: the ``kind`` key, else inferred for older files
+    (``glacier-train pretrain`` wrote ``fold: -1``; a checkpoint without a fold is no member)."""
+    kind = ck.get("kind")
+    if kind in ("member", "pretrain"):
+        return kind
+    fold = ck.get("fold")
+    return "pretrain" if not isinstance(fold, int) or fold < 0 else "member"
 
 
 def state_sha(sd: Dict[str, torch.Tensor]) -> str:
@@ -20,13 +32,26 @@ def state_sha(sd: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_members(paths: Sequence[str]) -> List[Dict[str, Any]]:
-    """Read member checkpoints into payload entries (fp32 state dicts)."""
+def load_members(paths: Sequence[str], notes: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Read member checkpoints into payload entries (fp32 state dicts).
+
+    Pre-training checkpoints (see :func:`checkpoint_kind`) are skipped, never taken as
+    members; each skip is logged and appended to ``notes``.
+    """
     if not paths:
         raise ValueError("no member checkpoints given (e.g. --models weights/fold*_seed*.pt)")
     entries = []
+    skipped = []
     for p in paths:
         ck = load_checkpoint(p)
+        if checkpoint_kind(ck) == "pretrain":
+            note = (f"skipped {p}: a pre-training checkpoint (kind pretrain), not an ensemble member; "
+                    "keep it outside the members' folder (e.g. pretrained/hkh.pt)")
+            log.warning(note)
+            skipped.append(p)
+            if notes is not None:
+                notes.append(note)
+            continue
         name = os.path.splitext(os.path.basename(p))[0]
         entries.append({
             "name": name,
@@ -42,6 +67,9 @@ def load_members(paths: Sequence[str]) -> List[Dict[str, Any]]:
                 "code_version": ck.get("code_version"), "sha": state_sha(ck["state_dict"]),
             },
         })
+    if not entries:
+        raise ValueError(f"only pre-training checkpoints among {list(skipped)}: give the members written by "
+                         "`glacier-train cv` (e.g. --models 'weights/fold*_seed*.pt')")
     first = entries[0]
     for e in entries[1:]:
         if e["meta"]["bands"] != first["meta"]["bands"]:

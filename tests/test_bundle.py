@@ -129,10 +129,12 @@ def test_size_budget_fp16_then_refusal(tiny_members, tmp_path):
     assert m["runtime"]["fp16_agreement"] > 0.99
     p = load_payload(str(tmp_path / "b16" / "model.pth"))
     assert p["members"][0]["state_dict"]["encoder.conv1.weight"].dtype == torch.float16
+    m = build(tiny_members, str(tmp_path / "b1"), max_mb=size32 * 0.3)  # room for one member: the strongest
+    assert [e["name"] for e in m["members"]] == ["fold1_seed0"]
     with pytest.raises(BudgetError) as exc:
-        build(tiny_members, str(tmp_path / "bx"), max_mb=size32 * 0.3)
+        build(tiny_members, str(tmp_path / "bx"), max_mb=size32 * 0.2)
     msg = str(exc.value)
-    assert "fold0_seed0" in msg and "Drop these members" in msg and "fold0_seed0']" in msg  # weakest first
+    assert "no member fits" in msg and "fold0_seed0" in msg and "--max-mb" in msg
 
 
 def test_time_budget_drops_tta_in_order(tiny_members, tmp_path):

@@ -57,4 +57,24 @@ def create_model(spec: Dict[str, Any], encoder_weights: str = None) -> nn.Module
     if not runtime_supports(spec):
         log.warning("%s/%s has no pure-torch runtime twin: build its bundle with --backend onnx",
                     spec["arch"], spec["encoder"])
+    else:
+        check_runtime_layout(model, spec)
     return model
+
+
+def check_runtime_layout(model: nn.Module, spec: Dict[str, Any]) -> None:
+    """The bundle's pure-torch twin must load this model's state dict strictly: same tensor
+    names and shapes. A segmentation-models-pytorch release that renames a layer fails here,
+    at training start, with the installed version named, not at build time."""
+    from glacier_runtime.models import build_model
+
+    ours = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if ours != theirs:
+        import segmentation_models_pytorch as smp
+
+        diff = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+        raise RuntimeError(
+            f"segmentation-models-pytorch {getattr(smp, '__version__', '?')} lays out {spec['arch']}/{spec['encoder']} "
+            f"differently from the bundle runtime (first differences: {diff[:4]}); install a tested release: "
+            "pip install 'segmentation-models-pytorch>=0.3.3,<0.7'")
