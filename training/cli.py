@@ -109,6 +109,11 @@ def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -
     click.echo(f"wrote {out}")
 
 
+from training.fetch import fetch_command  # noqa: E402  (download + safe extraction: issue 17)
+
+cli.add_command(fetch_command)
+
+
 # Registered here so `glacier-train --help` lists them; implemented in training.cv.
 try:  # pragma: no cover - import guard for environments without the training extra
     from training.cv import cv_command, pretrain_command  # noqa: E402
