@@ -75,6 +75,12 @@ class Server:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                if r.get("trickle"):  # slow but steady: 10 kB every 20 ms
+                    for i in range(0, len(chunk), 10_000):
+                        self.wfile.write(chunk[i:i + 10_000])
+                        self.wfile.flush()
+                        time.sleep(0.02)
+                    return
                 if r.get("stall_after") is not None:
                     self.wfile.write(chunk[: r["stall_after"]])
                     self.wfile.flush()
@@ -216,6 +222,34 @@ def test_interrupted_download_resumed_by_same_command(server, tmp_path):
     assert open(tmp_path / "a.tar.sha256").read().split()[0] == SHA  # recorded after the verified download
     r3 = CliRunner().invoke(cli, args)  # a third run trusts the record and downloads nothing
     assert r3.exit_code == 0 and len(server.log) == 3 and "already downloaded and verified" in r3.output
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_same_command_resumes(server, tmp_path):
+    """A real interruption: SIGINT to the console script mid-download, then the same command
+    (slow only because two console-script starts import torch: ~25 s on a loaded 2-core box)."""
+    import signal
+    import subprocess
+    import sys
+
+    server.routes["/a.bin"] = {"body": BODY, "trickle": True}
+    exe = os.path.join(os.path.dirname(sys.executable), "glacier-train")
+    cmd = [exe, "fetch", server.url("/a.bin"), "--out", str(tmp_path), "--no-extract", "--sha256", SHA]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    part = tmp_path / "a.bin.part"
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 130 and "re-run the same command to resume" in out, out
+    kept = part.stat().st_size
+    assert 0 < kept < len(BODY)
+    server.routes["/a.bin"] = {"body": BODY}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert file_sha(tmp_path / "a.bin") == SHA and server.log[-1][1] == f"bytes={kept}-"
 
 
 def test_existing_file_with_wrong_sha_is_refused(server, tmp_path):
