@@ -269,6 +269,25 @@ def test_not_enough_disk(server, tmp_path, monkeypatch):
         quiet_fetch(server.url("/a.bin"), str(tmp_path), extract=False)
 
 
+def test_not_enough_disk_to_extract(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    arc = tmp_path / "big.zip"
+    with zipfile.ZipFile(arc, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(5_000_000))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(OSError, match=r"not enough free disk to extract .*need 4.8 MB, 976.6 KB free"):
+        safe_extract(str(arc), str(tmp_path / "t"), lambda m: None, tty=False)
+    assert not (tmp_path / "t" / "zeros.bin").exists()
+
+
+def test_name_from_signed_url(tmp_path):
+    d = Downloader(["https://h/x/my%20data.zip?X-Goog-Signature=abc"], str(tmp_path))
+    assert d.name == "my data.zip" and d.part.endswith("my data.zip.part")
+
+
 def test_progress_lines_without_tty():
     lines: List[str] = []
     p = Progress(1000, 0, "x", every_pct=25, say=lines.append, tty=False)

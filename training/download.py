@@ -180,7 +180,7 @@ class Downloader:
             raise FetchError("no URL to download from")
         self.urls = list(urls)
         self.folder = folder
-        self.name = name or os.path.basename(requests.utils.urlparse(self.urls[0]).path) or "download"
+        self.name = name or os.path.basename(requests.utils.unquote(requests.utils.urlparse(self.urls[0]).path)) or "download"
         self.path = os.path.join(folder, self.name)
         self.part = self.path + ".part"
         self.meta_path = self.part + ".json"
