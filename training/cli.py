@@ -213,6 +213,10 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
 cli.add_command(cv_command)
 cli.add_command(pretrain_command)
 
+from training.fetch import fetch_command  # noqa: E402  (download + safe extraction)
+
+cli.add_command(fetch_command)
+
 #: Options that take several space-separated values (``--seeds 0 1 2``).
 MULTI_VALUE_OPTIONS = ("--seeds",)
 
