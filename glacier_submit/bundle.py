@@ -15,7 +15,7 @@ import os
 import platform as _pyplatform
 import time
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from glacier_submit.publish import prepare_out, publish_bundle
 from glacier_submit.selection import drop_weakest, folds_missing, render_table, select_members
 from glacier_runtime.predictor import Predictor
 from glacier_runtime.tta import resolve_views
+from glacier_submit.tune import PredictFn, TuneResult, load_oof_set, tune
 
 log = logging.getLogger("glacier.build")
 MB = 1024 * 1024
@@ -257,7 +258,7 @@ def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], n
             tuned_on["bias"] = sorted(keys)
         else:
             notes.append("no out-of-fold predictions beside the members: bias left at 0")
-    return bias_values, bias_info
+    return bias_values, bias_info, tuned_on
 
 
 def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, Dict[str, Any]]:
@@ -305,15 +306,22 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
           max_mb: float = 300.0, time_budget: Optional[float] = None, test_tiles: int = 100,
           precision: str = "auto", bias: Any = "auto", check_data: Optional[str] = None,
           single_file: bool = False, device: str = "cpu", window: int = 1024,
-          max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512)) -> Dict[str, Any]:
+          max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512),
+          tune: Optional[str] = None, tune_data: Optional[str] = None, tune_confidence: float = 0.95,
+          echo=None) -> Dict[str, Any]:
     """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
 
     Nothing in ``out`` changes until every budget is met; then the four files replace the
-    previous bundle as one set (glacier_submit/publish.py).
+    previous bundle as one set (glacier_submit/publish.py). With ``tune="oof"`` the seeds per
+    fold, TTA, scales, bias and post-processing are chosen from out-of-fold evidence
+    (glacier_submit/tune.py) instead of taken from the arguments.
     """
     from glacier_submit.render import render_solution
 
     prepare_out(out)
+    if tune not in (None, "none", "oof"):
+        raise ValueError(f"--tune must be none or oof, got {tune!r}")
+    tune = None if tune == "none" else tune
     if max_members is not None and max_members < 1:
         raise ValueError(f"--max-members must be at least 1 (got {max_members})")
     notes: List[str] = []
@@ -347,6 +355,26 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
             agree16 = agreement(payload, p16, tile)
         payload = p16
 
+    tuning = None
+    if tune == "oof":
+        from glacier_submit.tune import render_decisions
+
+        say = echo or (lambda line: log.info(line))
+        say("tuning on out-of-fold predictions (build --tune oof) ...")
+        tuning = tune_for_build(entries, payload, tile, device, time_budget, tune_data, tune_confidence, echo=say)
+        st = tuning.settings
+        say(render_decisions(tuning))
+        if st.get("members"):
+            keep_names = {m for ms in st["members"].values() for m in ms}
+            for r in table:
+                if r["kept"] and r["name"] not in keep_names:
+                    r.update(kept=False, reason="tune oof: one seed per fold (averaging seeds did not hold up on OOF)")
+            entries = [e for e in entries if e["name"] in keep_names]
+            payload["members"] = [e for e in payload["members"] if e["name"] in keep_names]
+        tta, scales, postprocess = st["tta"], list(st["scales"]), st["postprocess"]
+        rules = load_postprocess(postprocess)
+        payload["inference"].update(tta=tta, scales=[float(s) for s in scales], postprocess=rules)
+
     # time budget: TTA/scales in the documented order, then the weakest members
     timing, chosen = fit_time(payload, tile, device, tta, scales, time_budget, table, notes)
     payload["inference"]["tta"], payload["inference"]["scales"] = chosen[0], chosen[1]
@@ -360,7 +388,15 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     if dropped:
         notes.append(f"kept {len(entries)} of {len(table)} members; dropped {dropped} (reasons in the member table)")
 
-    bias_values, bias_info = tune_bias_auto(bias, entries, [e["name"] for e in entries], notes)
+    if tuning is not None:
+        bias_values = tuning.settings["bias"]
+        bias_info = ({"mode": "tuned on OOF (--tune oof, cross-fitted, regularised)", "values": bias_values,
+                      "oof_tiles": len(tuning.tiles)} if bias_values else {"mode": "none (--tune oof kept 0)"})
+        tuned_on = {"tuning": list(tuning.tiles)}
+        if bias_values:
+            tuned_on["bias"] = list(tuning.tiles)
+    else:
+        bias_values, bias_info, tuned_on = tune_bias_auto(bias, entries, [e["name"] for e in entries], notes)
     payload["inference"]["bias"] = bias_values
     blob = serialise(payload)
     source = render_solution(__version__, pip, embedded=blob if single_file else None)
@@ -383,6 +419,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         "tta": views, "scales": payload["inference"]["scales"], "merge": merge,
         "weights": [e["weight"] for e in entries], "bias": bias_info, "tuned_on_tiles": tuned_on, "postprocess": rules,
         "postprocess_preset": postprocess,
+        "tuning": tuning.manifest() if tuning is not None else None,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],
         "runtime": {"backend": backend, "precision": "fp16" if fp16 else "fp32", "fp16_agreement": agree16,
@@ -431,5 +468,85 @@ def render_manifest(m: Dict[str, Any]) -> str:
         f"time on {t['device']} ({t['machine']}): load {t['load_s']:.2f} s, {t['tile_s']:.2f} s per "
         f"{t['check_tile'][1]}x{t['check_tile'][2]} tile -> ~{t['estimated_total_s']:.0f} s for {t['test_tiles']} tiles",
     ]
+    if m.get("tuning"):
+        from glacier_submit.tune import render_decision_rows
+
+        tu = m["tuning"]
+        lines += ["", f"--tune oof on {len(tu['tiles'])} out-of-fold tiles ({tu['method']}):"]
+        lines += render_decision_rows(tu["decisions"])
     lines += [f"note: {n}" for n in m["notes"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# glue for ``build --tune oof``
+# ---------------------------------------------------------------------------------------
+
+def tune_for_build(entries: List[Dict[str, Any]], payload: Dict[str, Any], tile: np.ndarray, device: str,
+                   time_budget: Optional[float], tune_data: Optional[str], confidence: float = 0.95,
+                   n_boot: int = 1000, echo: Callable[[str], None] = lambda s: None) -> TuneResult:
+    """Run :func:`tune` for a build: costs measured on the check tile with the bundle's own
+    predictor, TTA/scales judged by re-predicting the OOF tiles of ``tune_data`` (the
+    training folder) with each tile's own fold members."""
+    from glacier_runtime.predictor import Predictor
+
+    oof = load_oof_set(entries)
+    if not oof.keys:
+        raise ValueError("--tune oof needs the out-of-fold predictions `glacier-train cv` writes beside the "
+                         "members (weights/oof/<member>/ and weights/oof/labels/); none were found for "
+                         f"{[e['name'] for e in entries]}")
+    presets = {name: load_postprocess(name) for name in preset_names()}
+    presets.setdefault("none", [])
+    names = {e["name"]: i for i, e in enumerate(payload["members"])}
+
+    def subset(members: Optional[Mapping[str, List[str]]]) -> List[int]:
+        if not members:
+            return list(range(len(payload["members"])))
+        keep = {m for ms in members.values() for m in ms}
+        return [i for n, i in names.items() if n in keep]
+
+    cache: Dict[Any, float] = {}
+
+    def cost(s: Mapping[str, Any]) -> float:
+        idx = subset(s.get("members"))
+        key = (tuple(idx), str(s.get("tta")), tuple(s.get("scales") or [1.0]), s.get("postprocess"))
+        if key not in cache:
+            sub = dict(payload, members=[payload["members"][i] for i in idx])
+            over = {"tta": s.get("tta", "none"), "scales": list(s.get("scales") or [1.0]),
+                    "postprocess": presets.get(s.get("postprocess") or "none", [])}
+            cache[key] = time_predictor(sub, tile, device, over)["tile_s"]
+            echo(f"  cost: {len(idx)} members, TTA {over['tta']}, scales {over['scales']}, "
+                 f"post-processing {s.get('postprocess') or 'none'}: {cache[key]:.2f} s/tile")
+        return cache[key]
+
+    predict: Optional[PredictFn] = None
+    if tune_data:
+        from training.data.competition import CompetitionDataset
+
+        ds = CompetitionDataset(tune_data)
+        missing = [k for k in oof.keys if k not in set(ds.keys)]
+        if missing:
+            raise ValueError(f"--tune-data {tune_data} lacks OOF tiles {missing[:5]}: give the folder the members "
+                             "were trained on")
+
+        def _predict(keys: List[str], tta: Any, scales: List[float], members: Mapping[str, List[str]]):
+            out: Dict[str, np.ndarray] = {}
+            preds: Dict[int, Predictor] = {}
+            for k in keys:
+                f = oof.fold_of[k]
+                if f not in preds:
+                    idx = [names[m] for m in members.get(str(f), []) if m in names]
+                    preds[f] = Predictor.from_payload(payload, device=device, members=idx,
+                                                      overrides={"tta": tta, "scales": scales, "bias": None,
+                                                                 "postprocess": []})
+                img = ds.image(k)
+                p = preds[f]
+                out[k] = p.masked_to_background(p.predict_proba(img), p.masked(img)).astype(np.float32)
+            echo(f"  re-predicted {len(keys)} OOF tiles with TTA {tta}, scales {scales}")
+            return out
+
+        predict = _predict
+
+    k = int(payload["members"][0]["spec"]["classes"])
+    return tune(oof, k, predict=predict, cost=cost, time_budget=time_budget, presets=presets,
+                confidence=confidence, n_boot=n_boot)

@@ -69,8 +69,11 @@ def cli(verbose: bool) -> None:
 @click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
 @click.option("--max-members", type=click.IntRange(min=1), default=None, help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
+@click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True, help="oof: choose seeds per fold, TTA, scales, bias and post-processing from the members' out-of-fold predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then ignored.")
+@click.option("--tune-data", type=click.Path(exists=True, file_okay=False), default=None, help="The training folder the members were trained on: lets --tune oof re-predict OOF tiles to judge TTA and scales.")
+@click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
 def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, precision, max_mb, time_budget,
-          test_tiles, check_data, single_file, device, max_members):
+          test_tiles, check_data, single_file, device, max_members, tune, tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
     from training.checkpoint import CheckpointError
@@ -80,7 +83,8 @@ def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, 
         m = do_build(_expand(models), out, tta=_tta(tta), scales=_floats(scales, "--scales"), merge=merge,
                      weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
-                     check_data=check_data, single_file=single_file, device=device, max_members=max_members)
+                     check_data=check_data, single_file=single_file, device=device, max_members=max_members,
+                     tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, echo=click.echo)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))

@@ -165,7 +165,7 @@ class OOFSet:
     members_of_fold: Dict[int, List[str]] = field(default_factory=dict)
 
 
-def load_oof_set(weights_dirs: Sequence[str], entries: Sequence[Mapping[str, Any]]) -> OOFSet:
+def load_oof_set(entries: Sequence[Mapping[str, Any]]) -> OOFSet:
     """Read ``oof/<member>/<tile>.npy`` and ``oof/labels/<tile>.npy`` beside the members.
 
     A tile is used when it has a label and at least one member of its own fold (a member
@@ -233,17 +233,21 @@ class TuneResult:
                 "decisions": [asdict(d) for d in self.decisions]}
 
 
-def render_decisions(res: TuneResult) -> str:
-    """The table the build prints: one line per decision."""
+def render_decision_rows(decisions: Sequence[Mapping[str, Any]]) -> List[str]:
+    """One line per decision (kept value, gain, interval, cost, why), from manifest dicts."""
     lines = [f"{'setting':<15} {'kept':<28} {'gain':>8} {'interval':>19} {'s/tile':>7}  why"]
-    for d in res.decisions:
-        kept = d.candidate if d.adopted else d.baseline
-        kept_s = str(kept) if not isinstance(kept, list) else "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in kept) + "]"
-        g = "" if d.gain is None else f"{d.gain:+.4f}"
-        iv = "" if d.lo is None else f"[{d.lo:+.4f}, {d.hi:+.4f}]"
-        c = "" if d.cost_s is None else f"{d.cost_s:.2f}"
-        lines.append(f"{d.setting:<15} {kept_s[:28]:<28} {g:>8} {iv:>19} {c:>7}  {d.reason}")
-    return "\n".join(lines)
+    for d in decisions:
+        kept = d["candidate"] if d["adopted"] else d["baseline"]
+        g = "" if d["gain"] is None else f"{d['gain']:+.4f}"
+        iv = "" if d["lo"] is None else f"[{d['lo']:+.4f}, {d['hi']:+.4f}]"
+        c = "" if d["cost_s"] is None else f"{d['cost_s']:.2f}"
+        lines.append(f"{d['setting']:<15} {str(kept)[:28]:<28} {g:>8} {iv:>19} {c:>7}  {d['reason']}")
+    return lines
+
+
+def render_decisions(res: TuneResult) -> str:
+    """The table the build prints."""
+    return "\n".join(render_decision_rows([asdict(d) for d in res.decisions]))
 
 
 def _folds_split(oof: OOFSet) -> Dict[int, List[str]]:

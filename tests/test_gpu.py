@@ -34,7 +34,7 @@ def test_amp_training_on_cuda(synth_data, tmp_path):
     from training.config import load_config
     from training.data.competition import CompetitionDataset
     from training.distributed import init_distributed
-    from training.loop import train_member
+    from training.trainer import train_member
 
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), {**TINY, "train.amp": True})
     ds = CompetitionDataset(os.path.join(synth_data, "train"))

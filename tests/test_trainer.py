@@ -1,9 +1,7 @@
 """The trainer's steps: restore onto the run's device, DDP shards and updates, per-epoch
 progress lines off a terminal, checkpoint kinds, config errors before any epoch."""
 import os
-import sys
 
-import numpy as np
 import pytest
 import torch
 import yaml

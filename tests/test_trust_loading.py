@@ -14,7 +14,6 @@ from glacier_submit.bundle import build
 from glacier_submit.sandbox import run_bundle
 from glacier_runtime.predictor import Predictor, load_payload
 from glacier_runtime.safeload import UnsafeFileError, plain
-from tests.conftest import make_member
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY39 = os.environ.get("GLACIER_PY39", os.path.join(ROOT, ".venv39", "bin", "python"))
@@ -111,7 +110,7 @@ def _tiny_training(synth_data):
 def test_resume_state_refused(synth_data, tmp_path):
     """A crafted last.pt in the work folder stops the run before any epoch; never unpickled."""
     from training.checkpoint import CheckpointError
-    from training.loop import train_member
+    from training.trainer import train_member
 
     cfg, ds, tr, va = _tiny_training(synth_data)
     marker = str(tmp_path / "PWNED")
@@ -125,7 +124,6 @@ def test_resume_state_refused(synth_data, tmp_path):
 
 def test_best_checkpoint_refused(synth_data, tmp_path, monkeypatch):
     """The best-epoch checkpoint is re-read at the end of a run: a crafted one is refused."""
-    import training.loop as loop
     import training.trainer as trainer
     from training.checkpoint import CheckpointError
 
@@ -141,7 +139,7 @@ def test_best_checkpoint_refused(synth_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "save_atomic", swap_best)
     with pytest.raises(CheckpointError, match="best-epoch checkpoint"):
-        loop.train_member(cfg, ds, tr, va, 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "work"), progress=False)
+        trainer.train_member(cfg, ds, tr, va, 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "work"), progress=False)
     assert not os.path.exists(marker)
 
 

@@ -1,7 +1,7 @@
 """Building blocks of the training loop: seeding, the learning-rate schedule, EMA, the
 gradient scaler, validation with the bundle's own predictor, the CSV log. The loop
-itself, step by step, is :class:`training.trainer.Trainer`; :func:`train_member` is its
-one-call form.
+itself, step by step, is :class:`training.trainer.Trainer` (with its one-call form
+:func:`training.trainer.train_member`).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import csv
 import io
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -17,7 +17,6 @@ import torch
 from glacier_runtime.backends import TorchRunner
 from glacier_runtime.predictor import Member, Predictor
 from training.config import Config
-from training.distributed import DistContext
 from training.metrics import ConfusionAccumulator
 
 log = logging.getLogger("glacier.train")
@@ -111,17 +110,3 @@ def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
     for h in history:
         w.writerow(h)
     atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str], fold: int, seed: int,
-                 out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
-                 progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 stop_after_epoch: Optional[int] = None, save_oof: bool = True, kind: str = "member",
-                 **trainer_kw: Any) -> Dict[str, Any]:
-    """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut.
-    A thin wrapper over :class:`training.trainer.Trainer`, whose methods are the steps."""
-    from training.trainer import Trainer
-
-    return Trainer(cfg, dataset, train_keys, val_keys, fold, seed, out_path, work_dir, ctx=ctx,
-                   init_state=init_state, save_oof=save_oof, kind=kind, progress=progress,
-                   **trainer_kw).fit(stop_after_epoch)

@@ -11,7 +11,7 @@ def pretrain(config: str, data: str, out: str, seed: int = 0, val_patches: int =
              overrides: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
     from training.config import load_config
     from training.distributed import cleanup, init_distributed
-    from training.loop import train_member
+    from training.trainer import train_member
 
     cfg = load_config(config, overrides)
     if cfg.data.sensor.upper() not in ("L7",):
