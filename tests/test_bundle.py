@@ -137,9 +137,25 @@ def test_size_budget_fp16_then_refusal(tiny_members, tmp_path):
     assert "no member fits" in msg and "fold0_seed0" in msg and "--max-mb" in msg
 
 
-def test_time_budget_drops_tta_in_order(tiny_members, tmp_path):
+def _views_timer(per_view_s, tried):
+    """A stand-in for bundle.time_predictor: ``per_view_s`` per forward view, counted by the
+    real Predictor for the settings asked (no tile is run)."""
+    def timer(payload, tile, device="cpu", overrides=None, repeats=1):
+        views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
+        tried.append((overrides["tta"], list(overrides["scales"]), views))
+        return {"load_s": 0.0, "tile_s": per_view_s * views, "views": views}
+    return timer
+
+
+def test_time_budget_drops_tta_in_order(tiny_members, tmp_path, monkeypatch):
+    """No setting fits: every cheaper setting is tried in the documented order, the cheapest kept."""
+    import glacier_submit.bundle as bundle_mod
+
     assert [c[0] for c in candidate_settings("d4", [0.75, 1.0])] == ["d4", "d4", "flips", "none"]
-    m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1e-6)
+    tried = []
+    monkeypatch.setattr(bundle_mod, "time_predictor", _views_timer(1.0, tried))
+    m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=0.5, bias="none")
+    assert [t[:2] for t in tried] == [("d4", [0.75, 1.0]), ("d4", [1.0]), ("flips", [1.0]), ("none", [1.0])]
     assert m["tta"] == ["identity"] and m["scales"] == [1.0]
     assert any("reduced" in n for n in m["notes"]) and any("cheapest" in n for n in m["notes"])
 
@@ -150,13 +166,7 @@ def test_time_budget_stops_at_the_first_setting_that_fits(tiny_members, tmp_path
     import glacier_submit.bundle as bundle_mod
 
     tried = []
-
-    def timer(payload, tile, device="cpu", overrides=None, repeats=1):
-        views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
-        tried.append((overrides["tta"], list(overrides["scales"]), views))
-        return {"load_s": 0.0, "tile_s": 0.1 * views, "views": views}
-
-    monkeypatch.setattr(bundle_mod, "time_predictor", timer)
+    monkeypatch.setattr(bundle_mod, "time_predictor", _views_timer(0.1, tried))
     m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1.0, bias="none")
     assert tried == [("d4", [0.75, 1.0], 32), ("d4", [1.0], 16), ("flips", [1.0], 6)]
     assert m["tta"] == ["identity", "hflip", "vflip"] and m["scales"] == [1.0]
