@@ -179,7 +179,7 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
 @click.option("--folds", type=click.Path(exists=True, dir_okay=False), help="folds.json.")
 @click.option("--tiles", multiple=True, help="Evaluate only these tile ids (repeatable).")
 @click.option("--convention", type=click.Choice(["imagepath", "data-dict", "import-call"]), default="imagepath", show_default=True, help="How the platform calls the bundle.")
-@click.option("--timeout", type=float, default=None, help="Kill the bundle after this many seconds.")
+@click.option("--timeout", type=float, default=None, help="Kill the bundle after this many seconds (default 600, the sandbox's stand-in for the platform's unpublished limit).")
 @click.option("--allow-leak", is_flag=True, help="Evaluate even if members trained on these tiles (report stamped LEAKY).")
 @click.option("--compare", is_flag=True, help="Ablations: TTA sets, single member vs ensemble, each post-processing rule, bias.")
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
