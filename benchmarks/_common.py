@@ -10,6 +10,7 @@ def write_result(path: str, result: Dict[str, Any]) -> None:
     """Write a benchmark result as JSON (creating the folder)."""
     if not path:
         return
+    from glacier_runtime.atomic import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=2)
+    atomic_write_text(path, json.dumps(result, indent=2))

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 from glacier_submit.bundle import load_postprocess  # noqa: E402
 from glacier_runtime import postprocess  # noqa: E402
-from glacier_runtime.normalize import masked_pixels  # noqa: E402
 from training.bias import load_oof  # noqa: E402
 from training.metrics import ConfusionAccumulator  # noqa: E402
 
@@ -33,20 +32,13 @@ def score(ids, labels) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default="demo/weights")
-    ap.add_argument("--data", default=None, help="training folder: apply the runtime's masked-pixel rule first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     names = sorted(d for d in os.listdir(os.path.join(args.weights, "oof")) if d != "labels")
     probs, labels, keys = load_oof(args.weights, names)
     if not probs:
         raise SystemExit(f"no out-of-fold predictions under {args.weights}/oof")
-    raw = [p.argmax(0).astype(np.uint8) for p in probs]
-    if args.data:
-        from training.data.competition import CompetitionDataset
-
-        ds = CompetitionDataset(args.data)
-        for r, k in zip(raw, keys):
-            r[masked_pixels(ds.image(k))] = 0
+    raw = [p.argmax(0).astype(np.uint8) for p in probs]  # saved OOF already has masked -> background
     base = score(raw, labels)
     rows = [{"variant": "argmax, no post-processing", "mcc": base, "delta": 0.0}]
     seen = set()

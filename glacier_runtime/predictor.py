@@ -30,7 +30,8 @@ DEFAULT_INFERENCE: Dict[str, Any] = {
     "bias": None,           # per-class additive bias on log-probabilities
     "window": 1024,         # tiles larger than this (after padding) are windowed
     "overlap": 0.25,
-    "max_batch": "auto",    # views per forward pass: auto = 8 on CUDA, 2 torch-CPU, 1 ORT-CPU (measured)
+    "max_batch": "auto",    # views per forward pass: auto = 2 torch-CPU, 1 ORT-CPU (measured on CPU,
+                            # benchmarks/inference_speed.py); 8 on CUDA (a default, not measured on a GPU)
     "stride": 32,
     "postprocess": [],
     "masked_background": True,  # pixels that are 0 in every band (masked scene edge) -> background
@@ -117,7 +118,7 @@ class Predictor:
         if mb in (None, "auto"):
             runner = member.runner
             if getattr(runner, "device", None) is not None and runner.device.type == "cuda":
-                return 8
+                return 8  # a default: not measured on a GPU
             return 1 if isinstance(runner, OnnxRunner) else 2  # benchmarks/inference_speed.py
         return max(1, int(mb))
 
@@ -188,6 +189,18 @@ class Predictor:
         if masked is not None:
             ids[masked] = 0
         return postprocess.apply(ids, self.rules, self.n_classes)
+
+    @staticmethod
+    def masked_to_background(probs: np.ndarray, masked: Optional[np.ndarray]) -> np.ndarray:
+        """Probabilities as ``decide`` will treat them: masked pixels certain background.
+        Saved out-of-fold arrays go through this once, so their argmax (OOF MCC, bias
+        tuning) needs no image and no second application of the rule."""
+        if masked is None:
+            return probs
+        out = probs.copy()
+        out[:, masked] = 0.0
+        out[0, masked] = 1.0
+        return out
 
     def predict_ids(self, image: np.ndarray) -> np.ndarray:
         return self.decide(self.predict_proba(image), self.masked(image))

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     """Console entry point; ``--models weights/*`` (shell-expanded) works unquoted."""
     import sys
 
-    from training.argv import expand_multi
+    from glacier_cli.argv import expand_multi
 
     cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv), ("--models",)),
              prog_name="glacier-submit")

@@ -3,7 +3,8 @@ import json
 from click.testing import CliRunner
 
 from tests.conftest import make_tile
-from training.cli import cli as main, expand_multi
+from glacier_cli.argv import expand_multi
+from training.cli import MULTI_VALUE_OPTIONS, cli as main
 
 
 def test_synth_inspect_folds(tmp_path):
@@ -35,13 +36,11 @@ def test_folds_bad_data_is_clean_error(tmp_path):
 
 
 def test_seeds_space_separated():
-    assert expand_multi(["cv", "--seeds", "0", "1", "2", "--out", "w"]) == \
+    assert expand_multi(["cv", "--seeds", "0", "1", "2", "--out", "w"], MULTI_VALUE_OPTIONS) == \
         ["cv", "--seeds", "0", "--seeds", "1", "--seeds", "2", "--out", "w"]
-    assert expand_multi(["--seeds", "3"]) == ["--seeds", "3"]
+    assert expand_multi(["--seeds", "3"], MULTI_VALUE_OPTIONS) == ["--seeds", "3"]
 
 
 def test_models_unquoted_glob_expands():
-    from training.argv import expand_multi as ex
-
     argv = ["build", "--models", "w/a.pt", "w/b.pt", "w/logs", "--out", "s"]
-    assert ex(argv, ("--models",)) == ["build", "--models", "w/a.pt", "--models", "w/b.pt", "--models", "w/logs", "--out", "s"]
+    assert expand_multi(argv, ("--models",)) == ["build", "--models", "w/a.pt", "--models", "w/b.pt", "--models", "w/logs", "--out", "s"]

@@ -53,10 +53,10 @@ SENSORS: Dict[str, Dict[str, Band]] = {
 # Names accepted for the sensors in configs.
 SENSOR_ALIASES = {"l8": "L8", "landsat8": "L8", "oli": "L8", "l7": "L7", "landsat7": "L7", "etm+": "L7", "etm": "L7"}
 
-#: The competition's bands in folder order Band1..Band5.
+#: The competition's bands, in the order of the folders ``glacier_runtime.tiles.BAND_FOLDERS``
+#: (Band1..Band5) that hold them.
 COMPETITION_SENSOR = "L8"
 COMPETITION_BANDS: Tuple[str, ...] = ("B2", "B3", "B4", "B6", "B10")
-COMPETITION_FOLDERS: Tuple[str, ...] = ("Band1", "Band2", "Band3", "Band4", "Band5")
 #: HKH (Landsat-7) channel order of the extracted patches.
 HKH_CHANNELS: Tuple[str, ...] = (
     "B1", "B2", "B3", "B4", "B5", "B6_low", "B6_high", "B7", "B8_pan", "BQA",
@@ -135,7 +135,3 @@ def map_bands(
                 " or set allow_role_mismatch: true if this is deliberate."
             )
     return [b.name for b in dst]
-
-
-def competition_bands() -> List[Band]:
-    return select(COMPETITION_SENSOR, COMPETITION_BANDS)

@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import click
 
+from glacier_cli.argv import expand_multi
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -203,19 +205,14 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
 cli.add_command(cv_command)
 cli.add_command(pretrain_command)
 
-
+#: Options that take several space-separated values (``--seeds 0 1 2``).
 MULTI_VALUE_OPTIONS = ("--seeds",)
-
-
-def expand_multi(argv, names=MULTI_VALUE_OPTIONS):
-    from training.argv import expand_multi as _expand
-
-    return _expand(argv, names)
 
 
 def main(argv=None) -> None:
     """Console entry point."""
-    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv)), prog_name="glacier-train")
+    cli.main(args=expand_multi(list(sys.argv[1:] if argv is None else argv), MULTI_VALUE_OPTIONS),
+             prog_name="glacier-train")
 
 
 if __name__ == "__main__":

@@ -238,8 +238,8 @@ def clean_temps(out: str) -> List[str]:
 
 # ---- summary ------------------------------------------------------------------------------
 def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[float]:
-    """MCC of out-of-fold predictions over every training tile (mean over seeds' probs)."""
-    from glacier_runtime.normalize import masked_pixels
+    """MCC of out-of-fold predictions over every training tile (mean over seeds' probs).
+    The saved probabilities already carry the masked-pixel rule (``Predictor.masked_to_background``)."""
     from training.metrics import ConfusionAccumulator
 
     acc = ConfusionAccumulator(len(dataset.class_names))
@@ -253,7 +253,6 @@ def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[
                     probs.append(np.load(p).astype(np.float32))
             if probs:
                 pred = np.mean(probs, 0).argmax(0)
-                pred[masked_pixels(dataset.image(key))] = 0  # the runtime's masked rule
                 acc.update(dataset.label(key), pred)
                 seen += 1
     return acc.mcc if seen else None

@@ -94,10 +94,7 @@ def validate(model: torch.nn.Module, images: Dict[str, np.ndarray], labels: Dict
         ids = pred.decide(probs, masked)
         per_tile[key] = acc.update(labels[key], ids)
         if keep_probs:
-            if masked is not None:  # saved as the runtime decides them: masked -> background
-                probs[:, masked] = 0.0
-                probs[0, masked] = 1.0
-            probs_out[key] = probs.astype(np.float16)
+            probs_out[key] = pred.masked_to_background(probs, masked).astype(np.float16)
     model.train(was_training)
     return acc, per_tile, probs_out
 
@@ -119,7 +116,7 @@ def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
 def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str], fold: int, seed: int,
                  out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
                  progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 stop_after_epoch: Optional[int] = None, save_oof: bool = True, kind: str = "member",
+                 save_oof: bool = True, kind: str = "member",
                  **trainer_kw: Any) -> Dict[str, Any]:
     """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut.
     A thin wrapper over :class:`training.trainer.Trainer`, whose methods are the steps."""
@@ -127,4 +124,4 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
 
     return Trainer(cfg, dataset, train_keys, val_keys, fold, seed, out_path, work_dir, ctx=ctx,
                    init_state=init_state, save_oof=save_oof, kind=kind, progress=progress,
-                   **trainer_kw).fit(stop_after_epoch)
+                   **trainer_kw).fit()

@@ -48,7 +48,8 @@ def _binary_counts(cm: np.ndarray, k: int):
 
 
 def per_class_scores(cm: np.ndarray, names: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
-    """One-vs-rest MCC, IoU, F1, support and predicted count per class (NaN when undefined)."""
+    """One-vs-rest MCC, IoU, F1, recall, precision, support and predicted count per class
+    (NaN when undefined)."""
     out = []
     n = cm.shape[0]
     names = list(names) if names is not None else [str(i) for i in range(n)]
@@ -58,7 +59,10 @@ def per_class_scores(cm: np.ndarray, names: Optional[Sequence[str]] = None) -> L
         mcc = (tp * tn - fp * fn) / denom if denom else 0.0
         iou = tp / (tp + fp + fn) if (tp + fp + fn) else float("nan")
         f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+        recall = tp / (tp + fn) if (tp + fn) else float("nan")
+        precision = tp / (tp + fp) if (tp + fp) else float("nan")
         out.append({"class": names[k], "mcc": float(mcc), "iou": float(iou), "f1": float(f1),
+                    "recall": float(recall), "precision": float(precision),
                     "support": tp + fn, "predicted": tp + fp})
     return out
 

@@ -4,34 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-import numpy as np
-
-from training.data.hkh import HKHPatches, competition_to_hkh, find_patches
-
-
-class HKHSource:
-    """CompetitionDataset-like view of HKH patches for the training loop (lazy: never in memory)."""
-
-    lazy = True
-    class_names = ("background", "glacier", "debris", "lake")
-
-    def __init__(self, patches: HKHPatches):
-        self.patches = patches
-        self.index = {p.key: i for i, p in enumerate(patches.patches)}
-
-    @property
-    def keys(self):
-        return list(self.index)
-
-    def image(self, key: str) -> np.ndarray:
-        return self.patches.image(self.index[key])
-
-    def label(self, key: str) -> np.ndarray:
-        return self.patches.label(self.index[key])
-
-    def shape(self, key: str):
-        arr = np.load(self.patches.patches[self.index[key]].image, mmap_mode="r")
-        return tuple(arr.shape[:2]) if self.patches.img_axis == 2 else tuple(arr.shape[1:])
+from training.data.hkh import HKHPatches, HKHSource, competition_to_hkh, find_patches
 
 
 def pretrain(config: str, data: str, out: str, seed: int = 0, val_patches: int = 64, device: str = "auto",

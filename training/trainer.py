@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from glacier_runtime.atomic import atomic_write_with
 from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
+from glacier_runtime.tiles import BAND_FOLDERS
 from training.augment import build_augment
 from training.checkpoint import FORMAT, code_version, save_atomic
 from training.config import Config
@@ -302,7 +303,7 @@ class Trainer:
         return {
             "format": FORMAT, "kind": self.kind, "spec": self.spec, "sensor": cfg.data.sensor,
             "bands": list(cfg.data.bands),
-            "folders": ["Band1", "Band2", "Band3", "Band4", "Band5"][: len(cfg.data.bands)],
+            "folders": list(BAND_FOLDERS[: len(cfg.data.bands)]),
             "stats": self.stats, "class_map": class_map(cfg.data.label_mode == "binary"), "fold": self.fold,
             "seed": self.seed, "train_tiles": list(self.train_keys), "val_tiles": list(self.val_keys),
             "config": cfg.model_dump(), "code_version": code_version(),

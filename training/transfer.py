@@ -6,6 +6,8 @@ from typing import Dict
 
 import torch
 
+from glacier_runtime.classes import class_map
+
 log = logging.getLogger("glacier.train")
 
 
@@ -22,7 +24,7 @@ def load_init_state(path: str, cfg, report: list = None) -> Dict[str, torch.Tens
     if isinstance(ck, dict) and ck.get("sensor") and ck.get("bands"):
         # raises BandMappingError naming both bands if roles differ
         map_bands(cfg.data.sensor, cfg.data.bands, ck["sensor"], ck["bands"])
-    n_classes = 2 if cfg.data.label_mode == "binary" else 4
+    n_classes = len(class_map(cfg.data.label_mode == "binary")["names"])
     target = create_model(model_spec(cfg.model, len(cfg.data.bands), n_classes)).state_dict()
     keep, skipped = {}, []
     for k, v in sd.items():

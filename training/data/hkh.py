@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from glacier_runtime.atomic import atomic_write_with
+from glacier_runtime.classes import CLASS_NAMES
 from training.bands import HKH_CHANNELS, BandMappingError, COMPETITION_BANDS, map_bands
 
 _IMG = re.compile(r"^(?P<prefix>.*?)img_(?P<id>[^.]+)\.npy$")
@@ -123,6 +125,31 @@ class HKHPatches:
         return out
 
 
+class HKHSource:
+    """CompetitionDataset-like view of HKH patches for the training loop (lazy: never in memory)."""
+
+    lazy = True
+    class_names = CLASS_NAMES  # a 4-class model; HKH itself never labels lake
+
+    def __init__(self, patches: HKHPatches):
+        self.patches = patches
+        self.index = {p.key: i for i, p in enumerate(patches.patches)}
+
+    @property
+    def keys(self):
+        return list(self.index)
+
+    def image(self, key: str) -> np.ndarray:
+        return self.patches.image(self.index[key])
+
+    def label(self, key: str) -> np.ndarray:
+        return self.patches.label(self.index[key])
+
+    def shape(self, key: str):
+        arr = np.load(self.patches.patches[self.index[key]].image, mmap_mode="r")
+        return tuple(arr.shape[:2]) if self.patches.img_axis == 2 else tuple(arr.shape[1:])
+
+
 def write_fake_hkh(out: str, n_train: int = 16, n_val: int = 4, size: int = 128, seed: int = 0,
                    prefix: str = "slice_0_") -> Dict[str, int]:
     """The synthetic terrain rendered in HKH's 15 channels and patch layout (tests, demo)."""
@@ -151,7 +178,7 @@ def write_fake_hkh(out: str, n_train: int = 16, n_val: int = 4, size: int = 128,
             ys, xs = slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size)
             lab = labels[ys, xs]
             mask = np.stack([lab == 1, lab == 2], -1).astype(np.uint8)  # no lake channel in HKH
-            np.save(os.path.join(d, f"{prefix}img_{i}.npy"), img[ys, xs])
-            np.save(os.path.join(d, f"{prefix}mask_{i}.npy"), mask)
+            atomic_write_with(os.path.join(d, f"{prefix}img_{i}.npy"), lambda tmp, a=img[ys, xs]: np.save(tmp, a))
+            atomic_write_with(os.path.join(d, f"{prefix}mask_{i}.npy"), lambda tmp, a=mask: np.save(tmp, a))
         counts[split] = n
     return counts

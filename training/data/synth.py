@@ -29,7 +29,9 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from glacier_runtime.atomic import atomic_write_with
 from glacier_runtime.classes import CLASS_VALUES
+from glacier_runtime.tiles import BAND_FOLDERS
 
 TRAIN_NAMES = ("B2_B2_masked_{id}.tif", "B3_B3_masked_{id}.tif", "B4_B4_masked_{id}.tif",
                "B6_B6_masked_{id}.tif", "B10_B10_masked_{id}.tif")
@@ -233,7 +235,7 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
 def _write_tif(path: str, arr: np.ndarray) -> None:
     import tifffile
 
-    tifffile.imwrite(path, arr)
+    atomic_write_with(path, lambda tmp: tifffile.imwrite(tmp, arr))
 
 
 def write_split(out: str, n_tiles: int, size: Tuple[int, int], seed: int, region: Region,
@@ -242,7 +244,7 @@ def write_split(out: str, n_tiles: int, size: Tuple[int, int], seed: int, region
     cols = int(math.ceil(math.sqrt(n_tiles)))
     rows = int(math.ceil(n_tiles / cols))
     bands, labels = generate_scene(rows, cols, size, seed, region)
-    for d in ("Band1", "Band2", "Band3", "Band4", "Band5", "label"):
+    for d in BAND_FOLDERS + ("label",):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     lut = np.array(CLASS_VALUES, np.uint8)
     th, tw = size
@@ -259,7 +261,7 @@ def write_split(out: str, n_tiles: int, size: Tuple[int, int], seed: int, region
             names = [f"img{tid}.tif"] * 5
             lname = f"img{tid}.tif"
         for b in range(5):
-            _write_tif(os.path.join(out, f"Band{b + 1}", names[b]), np.ascontiguousarray(bands[b, ys, xs]))
+            _write_tif(os.path.join(out, BAND_FOLDERS[b], names[b]), np.ascontiguousarray(bands[b, ys, xs]))
         _write_tif(os.path.join(out, "label", lname), lut[labels[ys, xs]])
         ids.append(tid)
     return ids

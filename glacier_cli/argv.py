@@ -1,4 +1,4 @@
-"""Command-line conveniences shared by both CLIs (light: no heavy imports)."""
+"""``--opt a b c`` as ``--opt a --opt b --opt c`` for both CLIs (standard library only)."""
 from __future__ import annotations
 
 from typing import List, Sequence

@@ -1,0 +1,149 @@
+"""--tune oof: statistics against independent oracles, and decisions that follow evidence."""
+import numpy as np
+import pytest
+from sklearn.metrics import matthews_corrcoef
+
+from glacier_submit.tune import (BIAS_GRID, OOFSet, bootstrap_gain, fit_bias, mcc_batch, render_decisions,
+                                 tile_confusions, tune)
+
+K = 4
+LIGHT = [{"rule": "min_area", "class": c, "min_area": 6} for c in (3, 2, 1)]
+
+
+def test_mcc_batch_matches_sklearn():
+    rng = np.random.default_rng(1)
+    cms, refs = [], []
+    for i in range(6):
+        t = rng.integers(0, K, 400)
+        p = np.where(rng.random(400) < 0.3 + 0.1 * i, t, rng.integers(0, K, 400))
+        if i == 5:
+            p[:] = 0  # a constant prediction: MCC defined as 0
+        cms.append(tile_confusions([p], [t], K)[0])
+        refs.append(matthews_corrcoef(t, p))
+    np.testing.assert_allclose(mcc_batch(np.stack(cms)), refs, atol=1e-12)
+
+
+def _noisy(labels, acc, rng):
+    return [np.where(rng.random(y.shape) < acc, y, rng.integers(0, K, y.shape)) for y in labels]
+
+
+def test_bootstrap_gain_no_difference_and_clear_difference():
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, K, (16, 16)) for _ in range(12)]
+    weak = _noisy(labels, 0.6, rng)
+    a = tile_confusions(weak, labels, K)
+    g = bootstrap_gain(a, a, n_boot=300)
+    assert g.gain == 0 and g.lo <= 0 <= g.hi
+    b = tile_confusions(_noisy(labels, 0.9, rng), labels, K)
+    g = bootstrap_gain(a, b, n_boot=300)
+    assert g.lo > 0 and g.gain == pytest.approx(g.cand_mcc - g.base_mcc)
+    # the pooled score is the MCC of all pixels together (sklearn on the concatenation)
+    flat = lambda xs: np.concatenate([x.ravel() for x in xs])  # noqa: E731
+    assert g.base_mcc == pytest.approx(matthews_corrcoef(flat(labels), flat(weak)), abs=1e-12)
+
+
+def _probs_from_ids(ids, sharp=3.0, rng=None, under=None):
+    logits = np.eye(K, dtype=np.float32)[ids].transpose(2, 0, 1) * sharp
+    if rng is not None:
+        logits = logits + rng.normal(0, 1.0, logits.shape).astype(np.float32)
+    if under is not None:
+        logits[under] -= 2.5  # a class the model systematically under-predicts
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+def test_fit_bias_is_bounded_and_stays_zero_on_noise():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, K, 20000)
+    logp = np.log(np.full((20000, K), 0.25, np.float32) + rng.random((20000, K)).astype(np.float32) * 1e-3)
+    b = fit_bias(logp, y)
+    assert all(min(BIAS_GRID) <= v <= max(BIAS_GRID) for v in b)
+    # an under-predicted class is pushed up, never past the grid's end
+    ids = rng.choice(K, (64, 64), p=[0.55, 0.25, 0.15, 0.05])
+    p = _probs_from_ids(ids, rng=rng, under=3)
+    lp = np.log(p.reshape(K, -1).T)
+    b = fit_bias(lp, ids.reshape(-1))
+    assert b[0] == 0 and 0 < b[3] <= max(BIAS_GRID)
+
+
+def _blocky_labels(rng, n=10, size=32):
+    out = []
+    for _ in range(n):
+        lab = np.zeros((size, size), np.int64)
+        for c in (1, 2, 3):
+            y0, x0 = rng.integers(0, size - 10, 2)
+            lab[y0:y0 + 10, x0:x0 + 10] = c
+        out.append(lab)
+    return out
+
+
+def _oof(labels, probs_by_member, fold_of, members_of_fold):
+    keys = [f"t{i}" for i in range(len(labels))]
+    return OOFSet(keys=keys, labels=dict(zip(keys, labels)), fold_of=fold_of, probs=probs_by_member,
+                  members_of_fold=members_of_fold)
+
+
+def test_tune_adopts_seed_averaging_and_postprocessing_when_they_help():
+    rng = np.random.default_rng(3)
+    labels = _blocky_labels(rng)
+    keys = [f"t{i}" for i in range(len(labels))]
+    fold_of = {k: i % 5 for i, k in enumerate(keys)}
+    probs, members = {}, {}
+    for f in range(5):
+        for s in range(2):
+            name = f"fold{f}_seed{s}"
+            members.setdefault(f, []).append(name)
+            # independent heavy noise per seed: the mean of two seeds is clearly better
+            probs[name] = {k: _probs_from_ids(lab, sharp=1.2, rng=rng) for k, lab in zip(keys, labels) if fold_of[k] == f}
+    oof = _oof(labels, probs, fold_of, members)
+    res = tune(oof, K, presets={"none": [], "light": LIGHT}, n_boot=300)
+    got = {d.setting: d for d in res.decisions}
+    assert got["seeds per fold"].adopted and res.settings["members"]["0"] == ["fold0_seed0", "fold0_seed1"]
+    assert got["postprocess"].adopted and res.settings["postprocess"] == "light"  # speckle on blocky labels
+    assert "tta" in got and not got["tta"].adopted  # no tiles to re-predict: said so, not tuned
+    assert "lower bound" in render_decisions(res)
+    man = res.manifest()
+    assert man["tiles"] == keys and man["settings"]["postprocess"] == "light"
+
+
+def test_tune_keeps_simple_settings_without_evidence_and_respects_time_budget():
+    rng = np.random.default_rng(4)
+    labels = _blocky_labels(rng)
+    keys = [f"t{i}" for i in range(len(labels))]
+    fold_of = {k: i % 5 for i, k in enumerate(keys)}
+    clean = {f"fold{f}_seed0": {k: _probs_from_ids(lab) for k, lab in zip(keys, labels) if fold_of[k] == f}
+             for f in range(5)}
+    oof = _oof(labels, clean, fold_of, {f: [f"fold{f}_seed0"] for f in range(5)})
+    calls = []
+
+    def predict(ks, tta, scales, members):
+        calls.append((tta, tuple(scales)))
+        # d4 is better than none, flips is identical to none
+        acc = 0.95 if tta == "d4" else 0.7
+        r = np.random.default_rng(len(calls))
+        return {k: _probs_from_ids(np.where(r.random(oof.labels[k].shape) < acc, oof.labels[k],
+                                             r.integers(0, K, oof.labels[k].shape))) for k in ks}
+
+    cost = {"none": 1.0, "flips": 2.0, "d4": 8.0}
+    res = tune(oof, K, predict=predict, cost=lambda s: cost[s["tta"]] * len(s["scales"]), time_budget=4.0,
+               presets={"none": [], "light": LIGHT}, n_boot=300)
+    got = {(d.setting, str(d.candidate)): d for d in res.decisions}
+    assert ("d4", (1.0,)) not in calls           # over the budget: never predicted
+    assert not got[("tta", "d4")].adopted and "budget" in got[("tta", "d4")].reason
+    assert res.settings["tta"] == "none"          # flips: no gain, the simpler setting stays
+    assert res.settings["scales"] == [1.0]        # 3 scales fit the budget (3 s) but bring no gain
+    assert res.settings["bias"] is None
+
+
+def test_bias_adopted_for_an_under_predicted_class_cross_fitted():
+    rng = np.random.default_rng(5)
+    labels = _blocky_labels(rng, n=15)
+    keys = [f"t{i}" for i in range(len(labels))]
+    fold_of = {k: i % 5 for i, k in enumerate(keys)}
+    probs = {f"fold{f}_seed0": {k: _probs_from_ids(lab, rng=rng, under=3) for k, lab in zip(keys, labels)
+                                if fold_of[k] == f} for f in range(5)}
+    oof = _oof(labels, probs, fold_of, {f: [f"fold{f}_seed0"] for f in range(5)})
+    res = tune(oof, K, n_boot=300)
+    d = [d for d in res.decisions if d.setting == "bias"][0]
+    assert d.adopted and "cross-fitted" in d.reason
+    assert res.settings["bias"][3] > 0 and res.settings["bias"][0] == 0
