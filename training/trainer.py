@@ -415,10 +415,9 @@ def _cpu_optimizer_state(sd: Dict[str, Any]) -> Dict[str, Any]:
 def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str], fold: int, seed: int,
                  out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
                  progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 stop_after_epoch: Optional[int] = None, save_oof: bool = True, kind: str = "member",
-                 **trainer_kw: Any) -> Dict[str, Any]:
+                 save_oof: bool = True, kind: str = "member", **trainer_kw: Any) -> Dict[str, Any]:
     """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut.
     A thin wrapper over :class:`training.trainer.Trainer`, whose methods are the steps."""
     return Trainer(cfg, dataset, train_keys, val_keys, fold, seed, out_path, work_dir, ctx=ctx,
                    init_state=init_state, save_oof=save_oof, kind=kind, progress=progress,
-                   **trainer_kw).fit(stop_after_epoch)
+                   **trainer_kw).fit()
