@@ -1,5 +1,5 @@
 """notebooks/kaggle_dual_t4.ipynb: stored without outputs, one parameters cell, and (slow: about
-25 min on a 2-core CPU shared with other jobs, dominated by 12 short training epochs)
+34 min on a 2-core CPU shared with other jobs at load 16-23, dominated by 12 short training epochs)
 executed headlessly on the CPU with SYNTHETIC = True, every cell, ending with a bundle and a
 report whose MCC beats a per-pixel classifier trained on the same fold's training tiles."""
 from __future__ import annotations
