@@ -1,4 +1,5 @@
-"""notebooks/kaggle_dual_t4.ipynb: stored without outputs, one parameters cell, and (slow)
+"""notebooks/kaggle_dual_t4.ipynb: stored without outputs, one parameters cell, and (slow: about
+34 min on a 2-core CPU shared with other jobs at load 16-23, dominated by 12 short training epochs)
 executed headlessly on the CPU with SYNTHETIC = True, every cell, ending with a bundle and a
 report whose MCC beats a per-pixel classifier trained on the same fold's training tiles."""
 from __future__ import annotations
@@ -57,6 +58,7 @@ def pixel_baseline_mcc(data: str, folds_path: str, fold: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_notebook_runs_on_cpu_with_synthetic_data(tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -69,7 +71,7 @@ def test_notebook_runs_on_cpu_with_synthetic_data(tmp_path):
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + env_path if env_path else "")
     try:
-        NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         os.environ["PYTHONPATH"] = env_path
     work = tmp_path / "work"
