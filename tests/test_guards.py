@@ -192,3 +192,20 @@ def test_is_finite_oracle():
     # the monitor's finiteness agrees with math.isfinite on plain floats
     for v in (0.0, 1e38, float("inf"), float("-inf"), float("nan")):
         assert (nonfinite_parts({"a": v}) == []) == math.isfinite(v)
+
+
+# ---- micro-batches over the epoch order -----------------------------------------------------------
+def test_window_batches_same_samples_per_step_after_halving():
+    from training.guards import window_batches
+
+    order = list(np.random.default_rng(0).permutation(40))[:36]
+    full = window_batches(order, effective=8, micro=4)
+    assert [len(b) for b, _ in full] == [4] * 9 and [u for _, u in full] == [False, True] * 4 + [True]
+    steps = [sum((b for b, _ in full[i:i + 2]), []) for i in range(0, 8, 2)]
+    half = window_batches(order, effective=8, micro=2, start=16)  # redo step 2 onwards with half the micro-batch
+    assert [len(b) for b, _ in half] == [2] * 10
+    redo = [sum((b for b, _ in half[i:i + 4]), []) for i in range(0, 8, 4)]
+    assert redo == steps[2:]  # naive oracle: the same samples in the same steps
+    assert sum((b for b, _ in half), []) == order[16:]
+    with pytest.raises(ValueError, match="step boundary"):
+        window_batches(order, 8, 4, start=4)

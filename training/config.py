@@ -53,6 +53,10 @@ class TrainConfig(_Strict):
     epochs: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=1)
     accumulate: int = Field(1, ge=1)
+    # out of memory in a step: halve the micro-batch, double `accumulate` (same effective batch)
+    # and redo that step; validation windows shrink the same way. Off: stop with the numbers.
+    auto_batch: bool = False
+    nonfinite_limit: int = Field(3, ge=1)  # non-finite loss/gradient steps in a row that stop a member
     patch_size: int = Field(256, ge=32)
     patches_per_epoch: int = Field(512, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -277,3 +277,20 @@ class ClassLearningMonitor:
                 f"covered {100 * pixels:.2f} % of the training pixels. Move it with sampler.targets.{name} "
                 "(more patches centred on it), loss.class_weights (auto weighs rare classes up), or "
                 "loss.focal_gamma.")
+
+
+# ---- micro-batches over a fixed epoch order (what auto_batch resumes from) ------------------------
+def window_batches(order: Sequence[int], effective: int, micro: int, start: int = 0) -> List[Tuple[List[int], bool]]:
+    """The epoch's samples ``order`` cut into optimiser steps of ``effective`` samples, each
+    cut into micro-batches of at most ``micro``: ``[(indices, update)]`` where ``update``
+    marks the last micro-batch of its step. Starts at sample ``start`` (a step boundary), so
+    a step redone with a smaller micro-batch sees exactly the samples it saw before."""
+    if start % effective:
+        raise ValueError(f"start {start} is not a step boundary (steps of {effective} samples)")
+    out: List[Tuple[List[int], bool]] = []
+    order = list(order)
+    for w0 in range(start, len(order), effective):
+        window = order[w0:w0 + effective]
+        chunks = [window[i:i + micro] for i in range(0, len(window), micro)]
+        out.extend((c, i == len(chunks) - 1) for i, c in enumerate(chunks))
+    return out
