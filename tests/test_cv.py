@@ -77,7 +77,7 @@ def test_finished_members_are_skipped(uninterrupted, synth_data, folds_file):
     before = os.path.getmtime(os.path.join(out, "fold0_seed0.pt"))
     r = subprocess.run(_cmd(os.path.join(synth_data, "train"), folds_file, out), env=_env(),
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "skipped" in r.stdout
+    assert r.returncode == 0 and "done already" in r.stdout
     assert os.path.getmtime(os.path.join(out, "fold0_seed0.pt")) == before
 
 
@@ -132,7 +132,7 @@ def test_fold_parallel_two_workers(synth_data, folds_file, tmp_path):
     cmd += ["--fold", "0", "--fold", "1", "--parallel-folds", "2"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    assert "worker 0 (GPU 0): folds [0]" in r.stdout and "worker 1 (GPU 1): folds [1]" in r.stdout
+    assert "worker 0 (CPU, folds [0])" in r.stdout and "worker 1 (CPU, folds [1])" in r.stdout
     for f in (0, 1):
         assert load_checkpoint(os.path.join(out, f"fold{f}_seed0.pt"))["fold"] == f
     summary = json.load(open(os.path.join(out, "cv_summary.json")))

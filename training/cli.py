@@ -109,15 +109,99 @@ def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -
     click.echo(f"wrote {out}")
 
 
-# Registered here so `glacier-train --help` lists them; implemented in training.cv.
-try:  # pragma: no cover - import guard for environments without the training extra
-    from training.cv import cv_command, pretrain_command  # noqa: E402
+def _fail(exc: BaseException) -> "click.ClickException":
+    return click.ClickException(str(exc))
 
-    cli.add_command(cv_command)
-    if pretrain_command is not None:
-        cli.add_command(pretrain_command)
-except ImportError as _exc:  # noqa: F841
-    pass
+
+@click.command("cv")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/).")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Competition-layout training folder.")
+@click.option("--folds", "folds_path", required=True, type=click.Path(exists=True, dir_okay=False), help="folds.json from `glacier-train folds`.")
+@click.option("--seeds", "seeds", multiple=True, type=int, default=(0,), show_default=True, help="Seeds: --seeds 0 1 2 (or repeat the flag).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for fold{k}_seed{s}.pt, oof/, logs/, cv_summary.json (locked while a run uses it).")
+@click.option("--fold", "only_folds", multiple=True, type=int, help="Train only these folds (repeatable).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun; NCCL on CUDA, gloo on CPU): one fold at a time.")
+@click.option("--parallel-folds", default=1, show_default=True, type=click.IntRange(1, 16), help="Train this many folds at once, one GPU each (usually the better use of two T4s). Not with --gpus.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Initialise from a pre-trained checkpoint (layers matched by name).")
+@click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
+@click.option("--force-retrain", is_flag=True, help="Replace finished members whose fold tiles or config differ from this run's (otherwise the run stops and names the difference).")
+@click.option("--no-progress", is_flag=True, help="No progress bars: one line per epoch even on a terminal.")
+@click.option("--worker-id", type=int, hidden=True)
+@click.option("--loader-workers", type=int, hidden=True)
+@click.option("--parent-lock", is_flag=True, hidden=True)
+@click.pass_context
+def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets,
+               force_retrain, no_progress, worker_id, loader_workers, parent_lock):
+    """Train every fold x seed; finished members are reused, interrupted ones resume."""
+    from training.config import ConfigError
+    from training.cv import CvError, CvRun, cv
+
+    verbose = bool(ctx.find_root().params.get("verbose"))
+    run = CvRun(config=config, data=data, folds_path=folds_path, out=out, seeds=tuple(seeds),
+                only_folds=tuple(only_folds), device=device, sets=tuple(sets), init_from=init_from,
+                progress=not no_progress, force_retrain=force_retrain, verbose=verbose, gpus=gpus,
+                parallel_folds=parallel_folds, worker=worker_id, loader_workers=loader_workers,
+                parent_lock=parent_lock)
+    try:
+        cv(run, echo=lambda line: click.echo(line))
+    except (CvError, ConfigError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished members are kept and the current one resumes from its last "
+                   "epoch; re-run the same command to continue", err=True)
+        sys.exit(130)
+
+
+@click.command("pretrain")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of extracted HKH patches (img_*.npy / mask_*.npy; train/ and val/ optional).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write, e.g. pretrained/hkh.pt (keep it out of the members' folder).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--val-patches", default=64, show_default=True, type=int, help="Validation patches scored each epoch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun).")
+@click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
+@click.option("--no-progress", is_flag=True, help="No progress bars: one line per epoch even on a terminal.")
+@click.pass_context
+def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress):
+    """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
+    from training.config import ConfigError, load_config
+    from training.cv import CvError, parse_sets
+
+    try:
+        overrides = parse_sets(sets)
+        load_config(config, overrides)  # config errors before any process starts
+    except (CvError, ConfigError) as exc:
+        raise _fail(exc) from exc
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from training.launch import describe_rc, run_torchrun
+
+        args = (["-v"] if ctx.find_root().params.get("verbose") else []) + [
+            "pretrain", "--config", config, "--data", data, "--out", out, "--seed", str(seed),
+            "--val-patches", str(val_patches), "--device", device]
+        for s in sets:
+            args += ["--set", s]
+        if no_progress:
+            args.append("--no-progress")
+        rc = run_torchrun(gpus, args, echo=lambda line: click.echo(line))
+        if rc:
+            raise click.ClickException(f"the DDP pre-training run {describe_rc(rc)}; re-run the same command "
+                                       "to resume")
+        return
+    from training.pretrain import pretrain
+
+    try:
+        res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    if res:
+        click.echo(f"wrote {out}: val MCC {res['val_mcc']:.4f} on {res['val_patches']} HKH patches "
+                   f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
+
+
+cli.add_command(cv_command)
+cli.add_command(pretrain_command)
 
 
 MULTI_VALUE_OPTIONS = ("--seeds",)

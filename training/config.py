@@ -70,6 +70,7 @@ class TrainConfig(_Strict):
     ema: float = Field(0.0, ge=0, lt=1)     # EMA decay; 0 = off
     num_workers: int = Field(4, ge=0)
     val_every: int = Field(1, ge=1)
+    sync_bn: bool = False  # DDP only: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     @field_validator("patch_size")
     @classmethod
@@ -125,6 +126,14 @@ class ValidationConfig(_Strict):
     tta: Union[str, List[str]] = "none"
     window: int = Field(1024, ge=32)
 
+    @field_validator("tta")
+    @classmethod
+    def _views(cls, v):
+        from glacier_runtime.tta import resolve_views
+
+        resolve_views(v)  # unknown presets or view names raise here, not after the first epoch
+        return v
+
 
 class Config(_Strict):
     name: str = "run"
@@ -141,6 +150,18 @@ class Config(_Strict):
 
 class ConfigError(ValueError):
     pass
+
+
+def check_against_classes(cfg: Config, class_names, path: str = "config") -> None:
+    """Settings that depend on the data's classes, checked before any epoch runs."""
+    names = list(class_names)
+    cw = cfg.loss.class_weights
+    if isinstance(cw, list) and len(cw) != len(names):
+        raise ConfigError(f"{path}: loss.class_weights has {len(cw)} values for {len(names)} classes {names}; "
+                          "give one weight per class or use `auto`")
+    unknown = [k for k in cfg.sampler.targets if k not in names]
+    if unknown and cfg.sampler.mode == "balanced":
+        raise ConfigError(f"{path}: sampler.targets names unknown classes {unknown}; the classes are {names}")
 
 
 def _loc(err) -> str:
@@ -161,8 +182,16 @@ def load_config(path: str, overrides: Optional[Dict] = None) -> Config:
     for dotted, value in (overrides or {}).items():
         node = raw
         parts = dotted.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            section = ".".join(parts[: i + 1])
+            if node.get(p) is None:  # absent, or an empty `train:` line
+                node[p] = {}
+            elif not isinstance(node[p], dict):
+                raise ConfigError(
+                    f"{path}: --set {dotted}={value!r}: `{section}` is {node[p]!r} in the file, not a section "
+                    f"of keys; make it a mapping (e.g. `{section}:` followed by indented `{parts[i + 1]}: ...` "
+                    f"lines) or delete that line")
+            node = node[p]
         node[parts[-1]] = value
     try:
         cfg = Config.model_validate(raw)

@@ -1,27 +1,102 @@
-"""``glacier-train cv``: every fold x seed, resumable, with a summary and OOF arrays."""
+"""Cross-validated training as library code: every fold x seed, resumable, with a summary
+and out-of-fold arrays. No click here: errors are :class:`CvError` (a ``ValueError``)
+and ``training/cli.py`` turns them into command-line errors.
+
+One run owns its ``--out`` folder (a lock); finished members are reused only when their
+fold's tiles and their config match this run; children (DDP ranks, fold-parallel
+workers) are started from the parsed :class:`CvRun`, never from ``sys.argv``.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import subprocess
+import re
+import shutil
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import click
 import numpy as np
 
 log = logging.getLogger("glacier.train")
 
+Echo = Callable[[str], None]
+MEMBER_RE = re.compile(r"^fold(-?\d+)_seed(-?\d+)\.pt$")
+# settings that change how fast a run goes, not what it learns: ignored when deciding
+# whether a finished member belongs to this run
+RUNTIME_KEYS = ("train.num_workers",)
 
-def _parse_set(values: Sequence[str]) -> Dict[str, Any]:
+
+class CvError(ValueError):
+    """A problem the user can fix (the message says how)."""
+
+
+def echo_stdout(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class CvRun:
+    """The parsed parameters of ``glacier-train cv``."""
+    config: str
+    data: str
+    folds_path: str
+    out: str
+    seeds: Tuple[int, ...] = (0,)
+    only_folds: Tuple[int, ...] = ()
+    device: str = "auto"
+    sets: Tuple[str, ...] = ()
+    init_from: Optional[str] = None
+    progress: bool = True
+    force_retrain: bool = False
+    verbose: bool = False
+    gpus: int = 1
+    parallel_folds: int = 1
+    worker: Optional[int] = None          # fold-parallel worker id (children only)
+    loader_workers: Optional[int] = None  # data-loader workers per process (children only)
+    parent_lock: bool = False             # the launching process holds the --out lock
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def cli_args(self) -> List[str]:
+        """``glacier-train`` arguments that reproduce this run in a child process."""
+        args = (["-v"] if self.verbose else []) + [
+            "cv", "--config", self.config, "--data", self.data, "--folds", self.folds_path, "--out", self.out,
+            "--device", self.device]
+        for s in self.seeds:
+            args += ["--seeds", str(s)]
+        for f in self.only_folds:
+            args += ["--fold", str(f)]
+        for s in self.sets:
+            args += ["--set", s]
+        if self.init_from:
+            args += ["--init-from", self.init_from]
+        if not self.progress:
+            args.append("--no-progress")
+        if self.force_retrain:
+            args.append("--force-retrain")
+        if self.gpus > 1:
+            args += ["--gpus", str(self.gpus)]
+        if self.parallel_folds > 1:
+            args += ["--parallel-folds", str(self.parallel_folds)]
+        if self.worker is not None:
+            args += ["--worker-id", str(self.worker)]
+        if self.loader_workers is not None:
+            args += ["--loader-workers", str(self.loader_workers)]
+        if self.parent_lock:
+            args.append("--parent-lock")
+        return args
+
+
+def parse_sets(values: Sequence[str]) -> Dict[str, Any]:
+    """``["train.epochs=3"]`` -> ``{"train.epochs": 3}`` (values parsed as YAML)."""
     import yaml
 
     out = {}
     for item in values:
         if "=" not in item:
-            raise click.BadParameter(f"--set expects key=value (e.g. train.epochs=3), got {item!r}")
+            raise CvError(f"--set expects key=value (e.g. train.epochs=3), got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip()] = yaml.safe_load(v)
     return out
@@ -31,6 +106,137 @@ def member_path(out: str, fold: int, seed: int) -> str:
     return os.path.join(out, f"fold{fold}_seed{seed}.pt")
 
 
+# ---- which finished members belong to this run ------------------------------------------------
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any], ignore: Sequence[str] = RUNTIME_KEYS) -> List[str]:
+    """``["train.epochs: 3 in the member, 2 in this run", ...]``."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: {a.get(k, '<absent>')!r} in the member, {b.get(k, '<absent>')!r} in this run")
+    return diffs
+
+
+def _tile_difference(what: str, had: Sequence[str], want: Sequence[str]) -> Optional[str]:
+    if list(had) == list(want):
+        return None
+    extra, missing = sorted(set(had) - set(want)), sorted(set(want) - set(had))
+    if not extra and not missing:
+        return f"{what} tiles are the same set in another order"
+    return (f"{what} tiles differ: the member has {extra[:6]}{' ...' if len(extra) > 6 else ''} that this run's "
+            f"fold does not, and lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+
+
+def stale_members(out: str, folds: Dict[str, Any], folds_path: str, config: Dict[str, Any],
+                  ) -> Dict[Tuple[int, int], List[str]]:
+    """Every ``fold{k}_seed{s}.pt`` in ``out`` that does not belong to this run, with the
+    reasons: a fold the folds file lacks, other training/validation tiles, another config,
+    an unreadable file."""
+    from training.checkpoint import load_checkpoint
+
+    by_fold = {f["fold"]: f for f in folds["folds"]}
+    problems: Dict[Tuple[int, int], List[str]] = {}
+    if not os.path.isdir(out):
+        return problems
+    for name in sorted(os.listdir(out)):
+        m = MEMBER_RE.match(name)
+        if not m:
+            continue
+        fold, seed = int(m.group(1)), int(m.group(2))
+        path = os.path.join(out, name)
+        try:
+            ck = load_checkpoint(path)
+        except Exception as exc:  # noqa: BLE001
+            problems[(fold, seed)] = [f"unreadable ({exc})"]
+            continue
+        reasons = []
+        if fold not in by_fold:
+            reasons.append(f"fold {fold} is not in {folds_path} (folds {sorted(by_fold)})")
+        else:
+            for what, key in (("training", "train"), ("validation", "val")):
+                d = _tile_difference(what, ck.get(f"{key}_tiles", []), by_fold[fold][key])
+                if d:
+                    reasons.append(d)
+        reasons += config_differences(ck.get("config") or {}, config)
+        if reasons:
+            problems[(fold, seed)] = reasons
+    return problems
+
+
+def remove_member(out: str, fold: int, seed: int) -> None:
+    """A member and everything derived from it: OOF arrays, cut-run state, CSV log."""
+    for p in (member_path(out, fold, seed), os.path.join(out, "logs", f"fold{fold}_seed{seed}.csv")):
+        if os.path.exists(p):
+            os.unlink(p)
+    for d in (os.path.join(out, "oof", f"fold{fold}_seed{seed}"), os.path.join(out, ".work", f"fold{fold}_seed{seed}")):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def resolve_members(out: str, folds: Dict[str, Any], folds_path: str, config: Dict[str, Any],
+                    force: bool, echo: Echo, delete: bool = True) -> None:
+    """Stop (or with ``force`` remove) every finished member that does not belong to this
+    run; the message names each difference."""
+    problems = stale_members(out, folds, folds_path, config)
+    if not problems:
+        return
+    lines = []
+    for (fold, seed), reasons in sorted(problems.items()):
+        lines.append(f"  {member_path(out, fold, seed)}:")
+        lines += [f"    - {r}" for r in reasons]
+    if not force:
+        raise CvError(f"{out} holds members that do not belong to this run:\n" + "\n".join(lines)
+                      + "\nRe-run with --force-retrain to replace them, or use another --out "
+                        "(reusing them would mix folds or settings into the OOF score and the ensemble).")
+    if delete:
+        echo("--force-retrain: removing members that do not belong to this run:\n" + "\n".join(lines))
+        for fold, seed in problems:
+            remove_member(out, fold, seed)
+
+
+def prune_oof(out: str, folds: Dict[str, Any]) -> List[str]:
+    """Keep in ``out/oof`` exactly the arrays of members present in ``out``."""
+    removed = []
+    oof = os.path.join(out, "oof")
+    if not os.path.isdir(oof):
+        return removed
+    val_keys = {k for f in folds["folds"] for k in f["val"]}
+    for name in os.listdir(oof):
+        p = os.path.join(oof, name)
+        if name == "labels":
+            for f in os.listdir(p):
+                if f.endswith(".npy") and f[:-4] not in val_keys:
+                    os.unlink(os.path.join(p, f))
+                    removed.append(os.path.join(p, f))
+            continue
+        if not os.path.exists(os.path.join(out, name + ".pt")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def clean_temps(out: str) -> List[str]:
+    """Temporary files a killed writer left in the weights folder and its sub-folders."""
+    from glacier_runtime.atomic import remove_stale_temps
+
+    removed = []
+    for root, dirs, _ in os.walk(out):
+        removed += remove_stale_temps(root)
+    return removed
+
+
+# ---- summary ------------------------------------------------------------------------------
 def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[float]:
     """MCC of out-of-fold predictions over every training tile (mean over seeds' probs)."""
     from glacier_runtime.normalize import masked_pixels
@@ -67,7 +273,7 @@ def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds
                      "per_class": ck.get("per_class"), "path": p, "arch": ck["spec"]["arch"],
                      "encoder": ck["spec"]["encoder"]})
     mccs = [r["val_mcc"] for r in rows if r["val_mcc"] is not None]
-    summary = {
+    return {
         "members": rows,
         "mean_val_mcc": float(np.mean(mccs)) if mccs else None,
         "std_val_mcc": float(np.std(mccs)) if mccs else None,
@@ -75,7 +281,6 @@ def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds
         "class_names": list(dataset.class_names),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    return summary
 
 
 def render_summary(summary: Dict[str, Any]) -> str:
@@ -93,185 +298,193 @@ def render_summary(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cv(config: str, data: str, folds_path: str, seeds: Sequence[int], out: str,
-           only_folds: Optional[Sequence[int]] = None, device: str = "auto", overrides: Optional[Dict] = None,
-           init_from: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    from training.checkpoint import load_checkpoint
-    from training.config import load_config
-    from training.data.competition import CompetitionDataset
-    from training.distributed import cleanup, init_distributed
-    from training.folds import fold_split, load_folds
-    from training.loop import train_member
+# ---- the run ------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    cfg: Any
+    folds: Dict[str, Any]
+    dataset: Any
+    fold_ids: List[int]
+    jobs: List[Tuple[int, int]]
 
-    cfg = load_config(config, overrides)
-    if init_from:
-        cfg.init_from = init_from
-    folds = load_folds(folds_path)
-    dataset = CompetitionDataset(data, label_mode=cfg.data.label_mode, cache_dir=cfg.data.cache_dir)
+
+def prepare(run: CvRun) -> _Prepared:
+    """Everything that can be wrong with the inputs, found before any process starts or
+    any epoch runs: the config (``--set`` included), the folds file against the data, the
+    requested folds, the config against the data's classes."""
+    from training.config import check_against_classes, load_config
+    from training.data.competition import CompetitionDataset
+    from training.folds import load_folds
+
+    cfg = load_config(run.config, parse_sets(run.sets))
+    if run.init_from:
+        cfg.init_from = run.init_from
+    folds = load_folds(run.folds_path)
+    dataset = CompetitionDataset(run.data, label_mode=cfg.data.label_mode, cache_dir=cfg.data.cache_dir)
+    check_against_classes(cfg, dataset.class_names, run.config)
     missing = sorted({t for f in folds["folds"] for t in f["val"] + f["train"]} - set(dataset.keys))
     if missing:
-        raise click.ClickException(f"{folds_path} names tiles not found in {data}: {missing[:8]}; "
-                                   "re-create the folds for this data folder")
+        raise CvError(f"{run.folds_path} names tiles not found in {run.data}: {missing[:8]}; "
+                      "re-create the folds for this data folder")
     fold_ids = [f["fold"] for f in folds["folds"]]
-    if only_folds:
-        bad = [f for f in only_folds if f not in fold_ids]
+    if run.only_folds:
+        bad = [f for f in run.only_folds if f not in fold_ids]
         if bad:
-            raise click.ClickException(f"--fold {bad} not in {folds_path} (has {fold_ids})")
-        fold_ids = list(only_folds)
-    jobs = [(f, s) for f in fold_ids for s in seeds]
+            raise CvError(f"--fold {bad} not in {run.folds_path} (has {fold_ids})")
+        fold_ids = list(run.only_folds)
+    return _Prepared(cfg, folds, dataset, fold_ids, [(f, s) for f in fold_ids for s in run.seeds])
+
+
+def cv(run: CvRun, echo: Echo = echo_stdout) -> Dict[str, Any]:
+    """``glacier-train cv``: in this process, as DDP ranks (``gpus``), or as fold-parallel
+    workers (``parallel_folds``). Raises :class:`CvError` on anything the user must fix."""
+    if run.gpus > 1 and run.parallel_folds > 1:
+        raise CvError("--gpus and --parallel-folds cannot be combined: --gpus N trains one fold at a time on N "
+                      "GPUs (DDP), --parallel-folds N trains N folds at once on one GPU each; pick one")
+    if (run.gpus > 1 and "WORLD_SIZE" not in os.environ) or run.parallel_folds > 1:
+        return _launch(run, echo)
+    return run_cv(run, echo=echo)
+
+
+def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
+    """The parent of DDP ranks or fold-parallel workers: checks the inputs, holds the
+    lock, starts the children, fails loudly when any of them fails."""
+    from training.launch import Worker, describe_rc, run_torchrun, run_workers, split_cpus, worker_devices
+    from training.runlock import LockedError, RunLock
+
+    prep = prepare(run)
+    devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
+    try:
+        lock = RunLock(run.out).acquire()
+    except LockedError as exc:
+        raise CvError(str(exc)) from None
+    try:
+        if lock.took_over:
+            echo(f"note: took over the lock on {run.out} left by process {lock.took_over.get('pid')} "
+                 "(no longer running)")
+        clean_temps(run.out)
+        resolve_members(run.out, prep.folds, run.folds_path, prep.cfg.model_dump(), run.force_retrain, echo)
+        child = replace(run, force_retrain=False, parent_lock=True)
+        if run.gpus > 1:
+            rc = run_torchrun(run.gpus, replace(child, gpus=1).cli_args(), echo)
+            if rc != 0:
+                raise CvError(f"the DDP run {describe_rc(rc)}; finished members are kept, re-run the same "
+                              "command to resume")
+            return {}
+        n = run.parallel_folds
+        cpu = split_cpus(n, prep.cfg.train.num_workers)
+        workers = []
+        for i in range(n):
+            mine = tuple(prep.fold_ids[i::n])
+            if not mine:
+                continue
+            env = dict(os.environ)
+            env.pop("WORLD_SIZE", None)
+            env["OMP_NUM_THREADS"] = str(cpu["threads"])
+            if devices[i] is not None:
+                env["CUDA_VISIBLE_DEVICES"] = devices[i]
+            args = replace(child, parallel_folds=1, only_folds=mine, worker=i,
+                           loader_workers=cpu["loader_workers"]).cli_args()
+            where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
+            workers.append(Worker(i, [sys.executable, "-m", "training.cli", *args], env,
+                                  f"{where}, folds {list(mine)}", os.path.join(run.out, "logs", f"worker{i}.log")))
+        failed = run_workers(workers, echo=echo)
+        if failed:
+            lost = sorted(f for w in failed for f in prep.fold_ids[w.wid::n])
+            raise CvError(f"{len(failed)} of {len(workers)} fold-parallel workers failed (folds {lost} are not "
+                          "finished; nothing was retrained in their place). Fix the cause above, then re-run "
+                          "the same command: finished members are kept and cut ones resume.")
+        return run_cv(replace(run, parallel_folds=1, parent_lock=True), echo=echo, train=False, prep=prep)
+    finally:
+        lock.release()
+
+
+def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optional[_Prepared] = None,
+           stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Train (``train``) every fold x seed of ``run`` in this process (one DDP rank under
+    torchrun), then write and print the summary. ``train=False`` only summarises and
+    fails if a member is missing (nothing is retrained behind the user's back)."""
+    from training.distributed import cleanup, init_distributed
+    from training.runlock import LockedError, RunLock
+
+    prep = prep or prepare(run)
+    ctx = init_distributed(run.device)
+    lock = None
+    if ctx.is_main and not run.parent_lock:
+        try:
+            lock = RunLock(run.out).acquire()
+        except LockedError as exc:
+            cleanup(ctx)
+            raise CvError(str(exc)) from None
+        if lock.took_over:
+            echo(f"note: took over the lock on {run.out} left by process {lock.took_over.get('pid')} "
+                 "(no longer running)")
+    try:
+        try:
+            _train_jobs(run, prep, ctx, echo, train, stop_after_epoch, clean=lock is not None)
+        finally:
+            cleanup(ctx)
+        if not ctx.is_main or run.worker is not None:
+            return {}
+        return _write_summary(run, prep, echo)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_after_epoch: Optional[int],
+                clean: bool) -> None:
+    from training.folds import fold_split
+    from training.trainer import Trainer
+
+    cfg, folds, dataset, jobs = prep.cfg, prep.folds, prep.dataset, prep.jobs
+    if ctx.is_main:
+        os.makedirs(run.out, exist_ok=True)
+        if clean:
+            clean_temps(run.out)
+    # every rank decides the same way which members to train; only rank 0 deletes
+    resolve_members(run.out, folds, run.folds_path, cfg.model_dump(), run.force_retrain, echo,
+                    delete=ctx.is_main)
+    ctx.barrier()
+    todo = [j for j in jobs if not os.path.exists(member_path(run.out, *j))]
+    if not train and todo:
+        raise CvError(f"members {todo} are missing after training; re-run the same command")
     init_state = None
-    if cfg.init_from:
+    if cfg.init_from and todo:
         from training.transfer import load_init_state
 
         lines: List[str] = []
         init_state = load_init_state(cfg.init_from, cfg, lines)
-        for line in lines:
-            click.echo(line)
-    ctx = init_distributed(device)
-    os.makedirs(out, exist_ok=True)
-    try:
-        for i, (fold, seed) in enumerate(jobs):
-            path = member_path(out, fold, seed)
-            if os.path.exists(path):
-                try:
-                    load_checkpoint(path)
-                    if ctx.is_main:
-                        click.echo(f"[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: done already ({path}), skipped")
-                    continue
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("%s unreadable (%s); training it again", path, exc)
-            train_keys, val_keys = fold_split(folds, fold)
-            res = train_member(cfg, dataset, train_keys, val_keys, fold, seed, path,
-                               os.path.join(out, ".work", f"fold{fold}_seed{seed}"), ctx, progress=progress,
-                               init_state=init_state)
-            if ctx.is_main:
-                click.echo(f"[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: val MCC {res['val_mcc']:.4f} "
-                           f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
-    finally:
-        cleanup(ctx)
-    if not ctx.is_main:
-        return {}
-    summary = summarise(out, [(f, s) for f in [x["fold"] for x in folds["folds"]] for s in seeds], folds, dataset, seeds)
-    from glacier_runtime.atomic import atomic_write_bytes
+        if ctx.is_main:
+            for line in lines:
+                echo(line)
+    tag = f"[worker {run.worker}] " if run.worker is not None else ""
+    for i, (fold, seed) in enumerate(jobs):
+        path = member_path(run.out, fold, seed)
+        if (fold, seed) not in todo:
+            if ctx.is_main and train:
+                echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: done already ({path}), reused")
+            continue
+        train_keys, val_keys = fold_split(folds, fold)
+        after = sum(1 for j in jobs[i + 1:] if j in todo)
+        res = Trainer(cfg, dataset, train_keys, val_keys, fold, seed, path,
+                      os.path.join(run.out, ".work", f"fold{fold}_seed{seed}"), ctx, init_state=init_state,
+                      progress=run.progress and run.worker is None, members_after=after, worker=run.worker,
+                      loader_workers=run.loader_workers).fit(stop_after_epoch)
+        if ctx.is_main:
+            echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: val MCC {res['val_mcc']:.4f} "
+                 f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
 
-    atomic_write_bytes(os.path.join(out, "cv_summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+
+def _write_summary(run: CvRun, prep: _Prepared, echo: Echo) -> Dict[str, Any]:
+    from glacier_runtime.atomic import atomic_write_text
+
+    folds = prep.folds
+    prune_oof(run.out, folds)
+    all_jobs = [(f["fold"], s) for f in folds["folds"] for s in run.seeds]
+    summary = summarise(run.out, all_jobs, folds, prep.dataset, run.seeds)
+    atomic_write_text(os.path.join(run.out, "cv_summary.json"), json.dumps(summary, indent=2) + "\n")
     table = render_summary(summary)
-    atomic_write_bytes(os.path.join(out, "cv_summary.txt"), (table + "\n").encode())
-    click.echo(table)
+    atomic_write_text(os.path.join(run.out, "cv_summary.txt"), table + "\n")
+    echo(table)
     return summary
-
-
-def _launch_ddp(gpus: int, argv: List[str]) -> int:
-    """Re-run this command under torchrun with ``gpus`` processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "training.cli", "cv"] + argv
-    click.echo("launching: " + " ".join(cmd))
-    return subprocess.call(cmd)
-
-
-def _launch_fold_parallel(n: int, argv: List[str], fold_ids: List[int]) -> int:
-    """Run folds in ``n`` processes at once, one GPU each (round-robin over folds)."""
-    procs = []
-    for i in range(n):
-        mine = fold_ids[i::n]
-        if not mine:
-            continue
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = str(i)
-        cmd = [sys.executable, "-m", "training.cli", "cv"] + argv + [a for f in mine for a in ("--fold", str(f))]
-        click.echo(f"worker {i} (GPU {i}): folds {mine}")
-        procs.append(subprocess.Popen(cmd, env=env))
-    return max(p.wait() for p in procs) if procs else 0
-
-
-@click.command("cv")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/).")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Competition-layout training folder.")
-@click.option("--folds", "folds_path", required=True, type=click.Path(exists=True, dir_okay=False), help="folds.json from `glacier-train folds`.")
-@click.option("--seeds", "seeds", multiple=True, type=int, default=(0,), show_default=True, help="Seeds; repeat or space-separate after one flag: --seeds 0 --seeds 1.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for fold{k}_seed{s}.pt, oof/, cv_summary.json.")
-@click.option("--fold", "only_folds", multiple=True, type=int, help="Train only these folds (repeatable).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun; NCCL on CUDA, gloo on CPU).")
-@click.option("--parallel-folds", default=1, show_default=True, type=click.IntRange(1, 16), help="Train this many folds at once, one GPU each (usually the better use of two T4s).")
-@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Initialise from a pre-trained checkpoint (layers matched by name).")
-@click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
-def cv_command(config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets, no_progress):
-    """Train every fold x seed; finished members are skipped, interrupted ones resume."""
-    argv = _own_args("cv")
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        if argv is None:
-            raise click.ClickException("--gpus > 1 must be used from the command line")
-        clean = _strip_option(argv, "--gpus")
-        sys.exit(_launch_ddp(gpus, clean))
-    if parallel_folds > 1:
-        if argv is None:
-            raise click.ClickException("--parallel-folds must be used from the command line")
-        from training.folds import load_folds
-
-        ids = list(only_folds) or [f["fold"] for f in load_folds(folds_path)["folds"]]
-        rc = _launch_fold_parallel(parallel_folds, _strip_option(_strip_option(argv, "--parallel-folds"), "--fold"), ids)
-        if rc:
-            sys.exit(rc)
-        only_folds = tuple(ids)  # all finished by the workers: the run below only summarises
-    try:
-        run_cv(config, data, folds_path, seeds, out, only_folds, device, _parse_set(sets), init_from,
-               progress=not no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: finished members are kept and the current one resumes from its last "
-                   "epoch; re-run the same command to continue", err=True)
-        sys.exit(130)
-
-
-def _own_args(command: str) -> Optional[List[str]]:
-    """The arguments after the sub-command on the real command line (None if not found)."""
-    if command in sys.argv[1:]:
-        return list(sys.argv[sys.argv.index(command, 1) + 1:])
-    return None
-
-
-def _strip_option(argv: List[str], name: str) -> List[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == name:
-            skip = True
-            continue
-        if a.startswith(name + "="):
-            continue
-        out.append(a)
-    return out
-
-
-@click.command("pretrain")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of extracted HKH patches (img_*.npy / mask_*.npy; train/ and val/ optional).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write, e.g. weights/hkh.pt.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--val-patches", default=64, show_default=True, type=int, help="Validation patches scored each epoch.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun).")
-@click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
-@click.option("--no-progress", is_flag=True)
-def pretrain_command(config, data, out, seed, val_patches, device, gpus, sets, no_progress):
-    """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        argv = _strip_option(_own_args("pretrain") or [], "--gpus")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "training.cli", "pretrain"] + argv
-        click.echo("launching: " + " ".join(cmd))
-        sys.exit(subprocess.call(cmd))
-    from training.pretrain import pretrain
-
-    try:
-        res = pretrain(config, data, out, seed, val_patches, device, _parse_set(sets), progress=not no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    if res:
-        click.echo(f"wrote {out}: val MCC {res['val_mcc']:.4f} on {res['val_patches']} HKH patches "
-                   f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")

@@ -1,6 +1,7 @@
 """``glacier-train pretrain``: the same loop as CV, streamed over memory-mapped HKH patches."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -56,8 +57,13 @@ def pretrain(config: str, data: str, out: str, seed: int = 0, val_patches: int =
     train_keys, val_keys = keys[: len(train)], keys[len(train):]
     ctx = init_distributed(device)
     try:
+        if ctx.is_main:  # temporary files a killed run left beside the output and in its work folder
+            from glacier_runtime.atomic import remove_stale_temps
+
+            remove_stale_temps(os.path.dirname(os.path.abspath(out)))
+            remove_stale_temps(out + ".work")
         res = train_member(cfg, source, train_keys, val_keys, fold=-1, seed=seed, out_path=out,
-                           work_dir=out + ".work", ctx=ctx, progress=progress, save_oof=False)
+                           work_dir=out + ".work", ctx=ctx, progress=progress, save_oof=False, kind="pretrain")
         return {**res, "val_patches": len(val_keys)} if ctx.is_main else {}
     finally:
         cleanup(ctx)

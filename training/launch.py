@@ -1,0 +1,154 @@
+"""Child processes of a training command: the one torchrun launcher (DDP), and
+fold-parallel workers that fail loudly.
+
+Children are started from parsed parameters (an argument list the caller builds), never
+by re-reading ``sys.argv``. A fold-parallel worker that exits non-zero or is killed by a
+signal (the OOM killer sends SIGKILL) is reported with the tail of its log; the other
+workers finish; nobody retrains the dead worker's folds in its place.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, TextIO
+
+TAIL_LINES = 40
+
+
+def torchrun_command(nproc: int, cli_args: Sequence[str]) -> List[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N -m training.cli ARGS``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "training.cli", *cli_args]
+
+
+def run_torchrun(nproc: int, cli_args: Sequence[str], echo: Callable[[str], None] = print) -> int:
+    """Run ``glacier-train ARGS`` as ``nproc`` DDP ranks; returns torchrun's exit status."""
+    cmd = torchrun_command(nproc, cli_args)
+    echo("launching: " + " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def visible_devices(env: Optional[Dict[str, str]] = None, device_count: Optional[int] = None) -> Optional[List[str]]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries: the user's own
+    setting when there is one (``"2,3"`` -> ``["2", "3"]``, UUIDs kept), else every GPU
+    torch sees; ``None`` when there is no GPU (CPU workers)."""
+    env = os.environ if env is None else env
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is not None:
+        ids = [d.strip() for d in raw.split(",") if d.strip()]
+        if ids and ids[0] == "-1":
+            return None
+        return ids or None
+    if device_count is None:
+        try:
+            import torch
+
+            device_count = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001
+            device_count = 0
+    return [str(i) for i in range(device_count)] or None
+
+
+def worker_devices(n: int, env: Optional[Dict[str, str]] = None, device_count: Optional[int] = None,
+                   ) -> List[Optional[str]]:
+    """One device per fold-parallel worker, taken from :func:`visible_devices` in order;
+    ``[None] * n`` on a machine without GPUs. Fewer GPUs than workers is an error."""
+    ids = visible_devices(env, device_count)
+    if ids is None:
+        return [None] * n
+    if len(ids) < n:
+        raise ValueError(f"--parallel-folds {n} needs {n} GPUs, but only {len(ids)} are visible "
+                         f"(CUDA_VISIBLE_DEVICES={','.join(ids)}); lower --parallel-folds or expose more GPUs")
+    return ids[:n]
+
+
+def split_cpus(n_workers: int, loader_workers: int, cpus: Optional[int] = None) -> Dict[str, int]:
+    """Share the CPU cores between ``n_workers`` processes: torch threads per worker
+    and data-loader workers per worker (the config's count divided, never above what the
+    cores allow). Kaggle's 4 vCPUs and two workers give 2 threads and <= 1 loader worker each."""
+    cpus = cpus or os.cpu_count() or 1
+    per = max(1, cpus // max(1, n_workers))
+    return {"threads": per, "loader_workers": max(0, min(loader_workers // max(1, n_workers), per - 1))}
+
+
+def describe_rc(rc: int) -> str:
+    """A return code in words: ``-9`` -> ``killed by SIGKILL (the OOM killer sends it)``."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (the out-of-memory killer sends it)" if -rc == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with status {rc}"
+
+
+@dataclass
+class Worker:
+    """One child process: its command, environment, log file and the last lines it printed."""
+    wid: int
+    cmd: List[str]
+    env: Dict[str, str]
+    label: str
+    log_path: str
+    proc: Optional[subprocess.Popen] = None
+    tail: Deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    rc: Optional[int] = None
+
+
+def _pump(w: Worker, out: TextIO, lock: threading.Lock) -> None:
+    """Copy a worker's output line by line to its log file and to ``out`` (whole lines,
+    so two workers never garble each other's)."""
+    assert w.proc is not None and w.proc.stdout is not None
+    with open(w.log_path, "a", encoding="utf-8", errors="replace") as log:
+        for raw in iter(w.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if "\r" in line:  # a progress bar redraw: keep the latest state only
+                line = line.rsplit("\r", 1)[-1]
+            w.tail.append(line)
+            log.write(line + "\n")
+            log.flush()
+            with lock:
+                out.write(line + "\n")
+                out.flush()
+
+
+def run_workers(workers: Sequence[Worker], out: Optional[TextIO] = None,
+                echo: Callable[[str], None] = print) -> List[Worker]:
+    """Start every worker, relay their output, wait for all of them. Returns the failed
+    ones (non-zero or negative return code), each reported through ``echo`` with the tail
+    of its log."""
+    out = out or sys.stdout
+    lock = threading.Lock()
+    threads = []
+    for w in workers:
+        os.makedirs(os.path.dirname(os.path.abspath(w.log_path)), exist_ok=True)
+        w.proc = subprocess.Popen(w.cmd, env=w.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with lock:
+            echo(f"worker {w.wid} ({w.label}): pid {w.proc.pid}, log {w.log_path}")
+        t = threading.Thread(target=_pump, args=(w, out, lock), daemon=True)
+        t.start()
+        threads.append(t)
+    try:
+        for w, t in zip(workers, threads):
+            w.rc = w.proc.wait()
+            t.join()
+    except KeyboardInterrupt:
+        for w in workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGINT)
+        for w in workers:
+            if w.proc is not None:
+                w.proc.wait()
+        raise
+    failed = [w for w in workers if w.rc != 0]
+    for w in failed:
+        echo(f"worker {w.wid} ({w.label}) FAILED: {describe_rc(w.rc)}; last lines of {w.log_path}:")
+        for line in w.tail:
+            echo(f"    {line}")
+    return failed

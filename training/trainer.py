@@ -1,0 +1,407 @@
+"""One member's training as named steps: set up data, set up the model, restore, train
+one epoch (one optimisation step at a time), validate, checkpoint, finalise.
+
+:class:`Trainer` is the one training loop of the product (CV members and HKH
+pre-training). Each step is a method, so a reader can follow a run top to bottom in
+:meth:`Trainer.fit`, and checks (non-finite losses, memory, ...) can hook into
+:meth:`Trainer.train_step` or :meth:`Trainer.train_one_epoch` without touching the rest.
+
+Determinism: every random choice of an epoch is seeded from ``(seed, epoch)``, so a run
+killed at any point and restarted with the same command ends where an uninterrupted run
+ends (on the CPU, bit for bit). Under DDP every rank gets the same number of patches
+(the shard is padded), so every rank runs the same number of steps and no rank can wait
+forever in an all-reduce; gradients are only synchronised on the step that updates.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from glacier_runtime.atomic import atomic_write_with
+from glacier_runtime.classes import class_map
+from glacier_runtime.normalize import normalize
+from training.augment import build_augment
+from training.checkpoint import FORMAT, code_version, save_atomic
+from training.config import Config
+from training.dataset import PatchDataset
+from training.distributed import DistContext
+from training.loop import EMA, LazyMap, _grad_scaler, _seed_all, _write_csv, lr_factor, validate
+from training.losses import CombinedLoss, class_weights_from_shares
+from training.progress import EpochReporter
+from training.sampling import PixelBalancedSampler, UniformPatchSampler, achieved_rates
+from training.state import cpu_state, restore_state
+from training.stats import compute_stats
+
+log = logging.getLogger("glacier.train")
+
+KINDS = ("member", "pretrain")
+
+
+def shard(items: Sequence, rank: int, world: int) -> List:
+    """This rank's share of ``items``: ``items[rank::world]``, padded by wrapping round
+    so that every rank gets exactly ``ceil(len / world)`` items (as torch's
+    ``DistributedSampler`` does). Equal shards mean equal batch counts on every rank."""
+    items = list(items)
+    if world <= 1 or not items:
+        return items
+    per = -(-len(items) // world)
+    padded = items + [items[i % len(items)] for i in range(per * world - len(items))]
+    return padded[rank::world]
+
+
+class Trainer:
+    """Trains one member (fold x seed) or a pre-training run and writes ``out_path``.
+
+    ``kind`` is recorded in every checkpoint written: ``"member"`` (an ensemble member,
+    and its ``last.pt``/``best.pt``) or ``"pretrain"`` (HKH pre-training output, which the
+    build never takes as a member). ``loader_workers`` overrides ``train.num_workers``
+    (fold-parallel workers split the CPU cores) without changing the recorded config.
+    """
+
+    def __init__(self, cfg: Config, dataset, train_keys: Sequence[str], val_keys: Sequence[str], fold: int,
+                 seed: int, out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
+                 init_state: Optional[Dict[str, torch.Tensor]] = None, save_oof: bool = True,
+                 kind: str = "member", reporter: Optional[EpochReporter] = None, progress: bool = True,
+                 members_after: int = 0, worker: Optional[int] = None, loader_workers: Optional[int] = None):
+        if kind not in KINDS:
+            raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
+        self.cfg, self.dataset = cfg, dataset
+        self.train_keys, self.val_keys = list(train_keys), list(val_keys)
+        self.fold, self.seed, self.kind = fold, seed, kind
+        self.out_path, self.work_dir = out_path, work_dir
+        self.ctx = ctx or DistContext()
+        self.device = self.ctx.device
+        self.init_state, self.save_oof = init_state, save_oof
+        self.n_classes = len(dataset.class_names)
+        self.class_names = list(dataset.class_names)
+        self.last_path = os.path.join(work_dir, "last.pt")
+        self.best_path = os.path.join(work_dir, "best.pt")
+        self.out_dir = os.path.dirname(os.path.abspath(out_path))
+        self.progress, self.members_after, self.worker = progress, members_after, worker
+        self.reporter = reporter
+        self.num_workers = cfg.train.num_workers if loader_workers is None else int(loader_workers)
+        self.class_weight: Optional[torch.Tensor] = None
+        self.history: List[Dict[str, Any]] = []
+        self.start_epoch, self.best_mcc, self.bad_epochs = 0, -1.0, 0
+        self.stopped_early = False
+        self.t0 = time.time()
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def setup_data(self) -> None:
+        """Statistics from this fold's training tiles only (a seeded sample for streamed
+        sources such as HKH), normalised training tiles, raw validation tiles, class
+        weights, the patch sampler and the augmentation."""
+        cfg, ds = self.cfg, self.dataset
+        lazy = bool(getattr(ds, "lazy", False))
+        stats_keys = list(self.train_keys)
+        if lazy and len(stats_keys) > cfg.stats_sample:
+            pick = np.random.default_rng(self.seed).choice(len(stats_keys), cfg.stats_sample, replace=False)
+            stats_keys = [stats_keys[i] for i in sorted(pick)]
+        self.stats = compute_stats((ds.image(k) for k in stats_keys), cfg.data.bands,
+                                   *cfg.data.stats_percentiles, seed=0)
+        stats = self.stats
+        if lazy:
+            self.images = LazyMap(self.train_keys, lambda k: normalize(ds.image(k), stats))
+            self.labels = LazyMap(self.train_keys, ds.label)
+        else:
+            self.images = {k: normalize(ds.image(k), stats) for k in self.train_keys}
+            self.labels = {k: ds.label(k) for k in self.train_keys}
+        self.val_raw = {k: ds.image(k) for k in self.val_keys}
+        self.val_labels = {k: ds.label(k) for k in self.val_keys}
+        n = self.n_classes
+        counts = sum(np.bincount(ds.label(k).ravel(), minlength=n)[:n] for k in stats_keys)
+        self.shares = counts / max(counts.sum(), 1)
+        cw = cfg.loss.class_weights
+        self.class_weight = (class_weights_from_shares(self.shares) if cw == "auto" else
+                             None if cw == "none" else torch.tensor(cw, dtype=torch.float32))
+        if self.class_weight is not None and self.class_weight.numel() != n:
+            raise ValueError(f"loss.class_weights has {self.class_weight.numel()} values for {n} classes")
+        if cfg.sampler.mode == "uniform":
+            self.sampler = UniformPatchSampler({k: ds.shape(k) for k in self.train_keys}, cfg.train.patch_size)
+        elif lazy:
+            raise ValueError("balanced sampling indexes every label in memory; streamed data (HKH) needs "
+                             "sampler.mode: uniform")
+        else:
+            self.sampler = PixelBalancedSampler(self.labels, ds.class_names, cfg.sampler.targets,
+                                                cfg.train.patch_size, cfg.sampler.jitter, seed=self.seed)
+        if self.sampler.absent:
+            log.warning("fold %d: classes %s absent from the training tiles; sampler targets renormalised",
+                        self.fold, self.sampler.absent)
+        self.augment = build_augment(cfg.augment)
+
+    def setup_model(self, model: Optional[torch.nn.Module] = None) -> None:
+        """The network (``model`` replaces the configured one, for tests), DDP wrapper
+        (SyncBatchNorm with ``train.sync_bn``), AdamW, schedulers, gradient scaler, EMA
+        and the loss, all on the run's device."""
+        from training.models import create_model, model_spec
+
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        _seed_all(self.seed, 0xC0FFEE)
+        self.spec = model_spec(cfg.model, len(cfg.data.bands), self.n_classes)
+        if model is None:
+            model = create_model(self.spec, cfg.model.encoder_weights)
+        if self.init_state is not None:
+            model.load_state_dict(self.init_state, strict=False)
+        if ctx.enabled and cfg.train.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(device)
+        self.amp = bool(cfg.train.amp and device.type == "cuda")
+        self.net = self.model
+        if ctx.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="max", factor=0.5,
+                                                                   patience=cfg.train.plateau_patience)
+                        if cfg.train.scheduler == "plateau" else None)
+        self.scaler = _grad_scaler(self.amp)
+        self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema else None
+        self.loss_fn = CombinedLoss(cfg.loss, self.class_weight).to(device)
+
+    # ---- restore ----------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Continue a cut run from ``last.pt`` if it belongs to this run (same fold, seed
+        and config); every restored tensor lands on the run's device. Returns the first
+        epoch to train."""
+        if not os.path.exists(self.last_path):
+            return self.start_epoch
+        ck = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        if not (ck.get("fold") == self.fold and ck.get("seed") == self.seed
+                and ck.get("config") == self.cfg.model_dump()):
+            if self.ctx.is_main:
+                log.warning("%s belongs to another run (fold/seed/config differ); starting fresh", self.last_path)
+            return self.start_epoch
+        restore_state(ck, self.device, self.model, self.opt, self.scaler, self.ema, self.plateau)
+        self.history, self.best_mcc, self.bad_epochs = ck["history"], ck["best_mcc"], ck["bad_epochs"]
+        self.start_epoch = ck["epoch"] + 1
+        if self.ctx.is_main:
+            log.warning("fold %d seed %d: resuming after epoch %d (best val MCC %.4f)",
+                        self.fold, self.seed, ck["epoch"], self.best_mcc)
+        return self.start_epoch
+
+    # ---- one epoch --------------------------------------------------------------------------
+    def epoch_loader(self, epoch: int) -> Tuple[DataLoader, np.ndarray]:
+        """This rank's patches for ``epoch`` (an equal share on every rank) and the
+        achieved sampler rates over all ranks' patches."""
+        cfg, ctx = self.cfg, self.ctx
+        patches = self.sampler.sample(cfg.train.patches_per_epoch, self.seed, epoch)
+        rates = achieved_rates([p[3] for p in patches], self.n_classes)
+        mine = shard(patches, ctx.rank, ctx.world)
+        ds = PatchDataset(self.images, self.labels, mine, cfg.train.patch_size, self.n_classes, self.augment,
+                          boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch)
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1009 + epoch)
+        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=g,
+                            num_workers=self.num_workers, drop_last=len(ds) > cfg.train.batch_size,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return loader, rates
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, d: Optional[torch.Tensor], epoch: int,
+                   update: bool) -> Dict[str, torch.Tensor]:
+        """Forward and backward on one batch; with ``update`` also clip, step the
+        optimizer and the EMA. Under DDP, gradients are all-reduced only on the
+        updating step (``no_sync`` on the accumulation steps before it)."""
+        cfg = self.cfg
+        sync = contextlib.nullcontext()
+        if self.ctx.enabled and not update:
+            sync = self.net.no_sync()
+        with sync:
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits = self.net(x)
+            parts = self.loss_fn(logits.float(), y, d, epoch)
+            self.scaler.scale(parts["total"] / cfg.train.accumulate).backward()
+        if update:
+            if cfg.train.grad_clip:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        return parts
+
+    def set_lr(self, epoch: int) -> None:
+        if self.plateau is None:
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.train.lr * lr_factor(self.cfg, epoch)
+
+    def train_one_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Sample, augment and train one epoch; returns its history row (mean loss parts,
+        learning rate, achieved sampler rates and pixel shares)."""
+        cfg, device, n = self.cfg, self.device, self.n_classes
+        _seed_all(self.seed, epoch)
+        self.set_lr(epoch)
+        loader, rates = self.epoch_loader(epoch)
+        self.net.train()
+        sums: Dict[str, float] = {}
+        nb = 0
+        self.opt.zero_grad(set_to_none=True)
+        pixel_counts = np.zeros(n)
+        n_steps = len(loader)
+        for step, (x, y, d) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            d = d.to(device, non_blocking=True) if d.numel() else None
+            pixel_counts += np.bincount(y.reshape(-1).cpu().numpy(), minlength=n)[:n]
+            update = (step + 1) % cfg.train.accumulate == 0 or step + 1 == n_steps
+            parts = self.train_step(x, y, d, epoch, update)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            nb += 1
+        row: Dict[str, Any] = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
+                               **{f"loss_{k}": v / max(nb, 1) for k, v in sums.items()}}
+        for c, name in enumerate(self.class_names):
+            row[f"centre_{name}"] = round(float(rates[c]), 4)
+            row[f"pixels_{name}"] = round(float(pixel_counts[c] / max(pixel_counts.sum(), 1)), 4)
+        return row
+
+    # ---- validate and checkpoint -------------------------------------------------------------
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation scores: the EMA weights when EMA is on."""
+        if self.ema is None:
+            return self.model
+        m = copy.deepcopy(self.model)
+        m.load_state_dict(self.ema.state)
+        return m
+
+    def validate(self, epoch: int, row: Dict[str, Any]) -> bool:
+        """Score the validation tiles (rank 0, on ``val_every`` epochs and the last);
+        adds val MCC overall and per class to ``row``; returns whether this is the best
+        epoch so far."""
+        cfg, ctx = self.cfg, self.ctx
+        if not ctx.is_main:
+            return False
+        if not self.val_keys:
+            return True  # no validation tiles: the last epoch is the best
+        if not ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
+            return False
+        acc, _, _ = validate(self.eval_model(), self.val_raw, self.val_labels, self.stats, self.device, cfg,
+                             self.n_classes)
+        row["val_mcc"] = acc.mcc
+        for r in acc.per_class(self.class_names):
+            row[f"val_mcc_{r['class']}"] = r["mcc"]
+        if self.plateau is not None:
+            self.plateau.step(acc.mcc)
+        return acc.mcc > self.best_mcc
+
+    def meta(self) -> Dict[str, Any]:
+        """What makes a checkpoint self-describing (everything but weights and history)."""
+        cfg = self.cfg
+        return {
+            "format": FORMAT, "kind": self.kind, "spec": self.spec, "sensor": cfg.data.sensor,
+            "bands": list(cfg.data.bands),
+            "folders": ["Band1", "Band2", "Band3", "Band4", "Band5"][: len(cfg.data.bands)],
+            "stats": self.stats, "class_map": class_map(cfg.data.label_mode == "binary"), "fold": self.fold,
+            "seed": self.seed, "train_tiles": list(self.train_keys), "val_tiles": list(self.val_keys),
+            "config": cfg.model_dump(), "code_version": code_version(),
+            "class_shares_train": self.shares.tolist(),
+        }
+
+    def checkpoint(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
+        """Rank 0: ``best.pt`` when improved, always ``last.pt`` (everything a resume
+        needs, CPU copies) and the CSV log."""
+        if not self.ctx.is_main:
+            return
+        state = self.ema.state if self.ema is not None else self.model.state_dict()
+        if improved:
+            self.best_mcc = row.get("val_mcc", self.best_mcc)
+            self.bad_epochs = 0
+            save_atomic({**self.meta(), "state_dict": cpu_state(state), "epoch": epoch, "best_mcc": self.best_mcc},
+                        self.best_path)
+        else:
+            self.bad_epochs += 1
+        save_atomic({"kind": self.kind, "fold": self.fold, "seed": self.seed, "config": self.cfg.model_dump(),
+                     "epoch": epoch, "state_dict": cpu_state(self.model.state_dict()),
+                     "optimizer": _cpu_optimizer_state(self.opt.state_dict()),
+                     "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+                     "scaler": self.scaler.state_dict(),
+                     "ema": cpu_state(self.ema.state) if self.ema is not None else None,
+                     "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs},
+                    self.last_path)
+        _write_csv(os.path.join(self.out_dir, "logs", f"fold{self.fold}_seed{self.seed}.csv"), self.history)
+
+    # ---- finalise ---------------------------------------------------------------------------
+    def finalise(self) -> Dict[str, Any]:
+        """Rank 0: reload the best weights, score them on every validation tile, write
+        the out-of-fold probabilities and the member; remove ``last.pt``/``best.pt``."""
+        result: Dict[str, Any] = {"fold": self.fold, "seed": self.seed, "best_mcc": self.best_mcc}
+        if not self.ctx.is_main:
+            return result
+        best = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(best["state_dict"])
+        per_class: List[Dict[str, Any]] = []
+        per_tile: Dict[str, float] = {}
+        if self.val_keys:
+            acc, per_tile, probs = validate(self.model, self.val_raw, self.val_labels, self.stats, self.device,
+                                            self.cfg, self.n_classes, keep_probs=self.save_oof)
+            per_class = acc.per_class(self.class_names)
+            if self.save_oof:
+                self.write_oof(probs)
+        final = {**best, "kind": self.kind, "history": self.history, "per_class": per_class,
+                 "per_tile_mcc": per_tile, "val_mcc": best.get("best_mcc"), "best_epoch": best.get("epoch"),
+                 "epochs_run": len(self.history), "stopped_early": self.stopped_early,
+                 "train_seconds": round(time.time() - self.t0, 1)}
+        save_atomic(final, self.out_path)
+        for p in (self.last_path, self.best_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        result.update(val_mcc=final["val_mcc"], best_epoch=final["best_epoch"], epochs_run=len(self.history),
+                      per_class=per_class, seconds=final["train_seconds"], path=self.out_path)
+        return result
+
+    def write_oof(self, probs: Dict[str, np.ndarray]) -> None:
+        oof_dir = os.path.join(self.out_dir, "oof", f"fold{self.fold}_seed{self.seed}")
+        lab_dir = os.path.join(self.out_dir, "oof", "labels")
+        for key, p in probs.items():
+            for folder, arr in ((oof_dir, p), (lab_dir, self.val_labels[key])):
+                atomic_write_with(os.path.join(folder, f"{key}.npy"), lambda tmp, a=arr: np.save(tmp, a))
+
+    # ---- the whole run ----------------------------------------------------------------------
+    def fit(self, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """set-up -> restore -> (train one epoch -> validate -> checkpoint)* -> finalise."""
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.setup_data()
+        self.setup_model()
+        self.restore()
+        ctx, cfg = self.ctx, self.cfg
+        reporter = self.reporter
+        if reporter is None and ctx.is_main:
+            reporter = EpochReporter(self.fold, self.seed, cfg.train.epochs, self.class_names, self.start_epoch,
+                                     members_after=self.members_after, worker=self.worker, bars=self.progress)
+        try:
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                te = time.time()
+                row = self.train_one_epoch(epoch)
+                improved = self.validate(epoch, row)
+                row["seconds"] = round(time.time() - te, 2)
+                self.history.append(row)
+                self.checkpoint(epoch, row, improved)
+                if reporter is not None:
+                    reporter.epoch_done(row, self.best_mcc)
+                stop = cfg.train.early_stopping and self.bad_epochs >= cfg.train.early_stopping
+                if ctx.broadcast_flag(bool(stop)):
+                    self.stopped_early = True
+                    break
+                ctx.barrier()
+                if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                    raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
+        finally:
+            if reporter is not None:
+                reporter.close()
+        result = self.finalise()
+        ctx.barrier()
+        return result
+
+
+def _cpu_optimizer_state(sd: Dict[str, Any]) -> Dict[str, Any]:
+    from training.state import to_device
+
+    return {"state": to_device(sd["state"], torch.device("cpu")), "param_groups": sd["param_groups"]}
