@@ -106,7 +106,7 @@ def test_cv_refuses_before_reading_data(tmp_path, monkeypatch, kind):
     from click.testing import CliRunner
 
     import training.data.competition as comp
-    from training.cv import cv_command
+    from training.cli import cv_command
 
     opened = []
 

@@ -103,8 +103,8 @@ class NonFiniteMonitor:
             raise MemberDiverged(self.message(epoch, step))
         return SKIPPED
 
-    def message(self, epoch: int, step: int, reason: Optional[str] = None) -> str:
-        """What went wrong, where, and the fix."""
+    def message(self, epoch: int, step: Optional[int], reason: Optional[str] = None) -> str:
+        """What went wrong, where (``step`` None: at the end of the epoch), and the fix."""
         what = reason or f"{self.last_reason} on {self.in_a_row} optimiser steps in a row"
         fixes = [f"lower train.lr (now {self.lr:g}; try {self.lr / 10:g})",
                  f"lower loss.boundary (now {self.boundary:g})",
@@ -112,7 +112,8 @@ class NonFiniteMonitor:
         if "boundary" in self.parts_seen:
             fixes = fixes[1:] + fixes[:1]
         keep = f"; the last good checkpoint is kept in {self.where}" if self.where else ""
-        return (f"fold {self.fold} seed {self.seed}: training diverged at epoch {epoch} step {step}: {what} "
+        at = f"epoch {epoch} step {step}" if step is not None else f"epoch {epoch}"
+        return (f"fold {self.fold} seed {self.seed}: training diverged at {at}: {what} "
                 f"({self.total_bad} non-finite step{'s' if self.total_bad != 1 else ''} in all). "
                 f"Fix: {', '.join(fixes[:-1])}, or {fixes[-1]}. No member file was written{keep}.")
 
