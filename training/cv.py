@@ -450,9 +450,8 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
                 clean: bool) -> List[Dict[str, Any]]:
     """Train the members still to do; returns the ones a guard stopped (diverged, out of
     memory): the others still train. Under DDP a stopped member ends the run."""
-    from training.guards import MemberFailed
-
     from training.folds import fold_split
+    from training.guards import MemberFailed
     from training.trainer import Trainer
 
     cfg, folds, dataset, jobs = prep.cfg, prep.folds, prep.dataset, prep.jobs
@@ -500,6 +499,7 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
         if ctx.is_main:
             echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: val MCC {res['val_mcc']:.4f} "
                  f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
+    return failed
 
 
 def _write_summary(run: CvRun, prep: _Prepared, echo: Echo,
