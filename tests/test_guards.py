@@ -40,8 +40,8 @@ def test_isolated_bad_steps_are_skipped_and_counted():
 def test_a_run_of_bad_steps_stops_with_the_message():
     m = _mon()
     m.observe(4, 10, [], True)
-    m.observe(4, 11, ["mcc"], True)
-    m.observe(4, 12, ["mcc", "boundary"], False)
+    m.observe(4, 11, ["boundary"], True)
+    m.observe(4, 12, ["boundary"], False)
     with pytest.raises(MemberDiverged) as exc:
         m.observe(4, 13, ["boundary"], False)
     msg = str(exc.value)
@@ -49,8 +49,14 @@ def test_a_run_of_bad_steps_stops_with_the_message():
                    "train.lr (now 1e+06", "loss.boundary (now 0.15)", "loss.boundary_ramp_epochs (now 3)",
                    "out/.work/fold2_seed7", "No member file"):
         assert needle in msg, (needle, msg)
-    # the boundary part went non-finite: its fix is proposed first
+    # only the boundary part went non-finite: its fix is proposed first; otherwise the learning rate
     assert msg.index("loss.boundary (now") < msg.index("train.lr")
+    m2 = _mon()
+    for i in range(2):
+        m2.observe(0, i, ["focal", "boundary"], False)
+    with pytest.raises(MemberDiverged) as exc2:
+        m2.observe(0, 2, ["focal", "boundary"], False)
+    assert str(exc2.value).index("train.lr") < str(exc2.value).index("loss.boundary (now")
 
 
 def test_run_spans_epochs():

@@ -109,7 +109,7 @@ class NonFiniteMonitor:
         fixes = [f"lower train.lr (now {self.lr:g}; try {self.lr / 10:g})",
                  f"lower loss.boundary (now {self.boundary:g})",
                  f"lengthen loss.boundary_ramp_epochs (now {self.ramp})"]
-        if "boundary" in self.parts_seen:
+        if self.parts_seen == ["boundary"]:  # only the boundary part blew up: its weight first
             fixes = fixes[1:] + fixes[:1]
         keep = f"; the last good checkpoint is kept in {self.where}" if self.where else ""
         at = f"epoch {epoch} step {step}" if step is not None else f"epoch {epoch}"
