@@ -37,6 +37,9 @@ class ModelConfig(_Strict):
     decoder_channels: List[int] = Field(default_factory=lambda: [256, 128, 64, 32, 16])
     decoder_attention_type: Optional[Literal["scse"]] = None
     encoder_weights: Optional[str] = None  # a local file; nothing downloads at run time
+    # how a weights file's first convolution is fitted to data.bands when its band count differs:
+    # strict = refuse, cycle = filters repeated over the bands (smp's rule), fresh = left random
+    encoder_first_conv: Literal["strict", "cycle", "fresh"] = "strict"
 
     @field_validator("decoder_channels")
     @classmethod
@@ -50,6 +53,10 @@ class TrainConfig(_Strict):
     epochs: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=1)
     accumulate: int = Field(1, ge=1)
+    # out of memory in a step: halve the micro-batch, double `accumulate` (same effective batch)
+    # and redo that step; validation windows shrink the same way. Off: stop with the numbers.
+    auto_batch: bool = False
+    nonfinite_limit: int = Field(3, ge=1)  # non-finite loss/gradient steps in a row that stop a member
     patch_size: int = Field(256, ge=32)
     patches_per_epoch: int = Field(512, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -187,7 +194,7 @@ def load_config(path: str, overrides: Optional[Dict] = None) -> Config:
             node = node[p]
         node[parts[-1]] = value
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         lines = [f"{path}: invalid config"]
         for err in exc.errors():
@@ -198,3 +205,17 @@ def load_config(path: str, overrides: Optional[Dict] = None) -> Config:
         raise ConfigError("\n".join(lines)) from None
     except band_registry.BandMappingError as exc:
         raise ConfigError(f"{path}: data.bands: {exc}") from None
+    _check_encoder_weights(cfg, path)
+    return cfg
+
+
+def _check_encoder_weights(cfg: Config, path: str) -> None:
+    """Encoder weights that cannot fit the bands are refused here, before any data is read."""
+    if not cfg.model.encoder_weights:
+        return
+    from training.models import EncoderWeightsError, check_encoder_weights
+
+    try:
+        check_encoder_weights(cfg.model.encoder_weights, len(cfg.data.bands), cfg.model.encoder_first_conv)
+    except EncoderWeightsError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

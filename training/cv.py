@@ -280,7 +280,8 @@ def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds
         rows.append({"fold": fold, "seed": seed, "val_mcc": ck.get("val_mcc"), "best_epoch": ck.get("best_epoch"),
                      "epochs_run": ck.get("epochs_run"), "seconds": ck.get("train_seconds"),
                      "per_class": ck.get("per_class"), "path": p, "arch": ck["spec"]["arch"],
-                     "encoder": ck["spec"]["encoder"], "size_mb": round(os.path.getsize(p) / 2 ** 20, 1)})
+                     "encoder": ck["spec"]["encoder"], "size_mb": round(os.path.getsize(p) / 2 ** 20, 1),
+                     "class_warnings": ck.get("class_warnings") or [], "bad_steps": ck.get("bad_steps", 0)})
     mccs = [r["val_mcc"] for r in rows if r["val_mcc"] is not None]
     by_fold: Dict[int, List[float]] = {}
     for r in rows:
@@ -346,6 +347,14 @@ def render_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"out-of-fold MCC over all training tiles {summary['oof_mcc']:.4f}")
     if summary.get("grade"):
         lines.append(f"grade against the targets: {summary['grade']['grade']} (details: training_log.txt)")
+    warned = [w for r in summary["members"] for w in r.get("class_warnings") or []]
+    if warned:  # the class guard's warnings, repeated where the user reads the results
+        lines.append("classes not learned:")
+        lines.extend(f"  {w}" for w in warned)
+    failed = summary.get("failed") or []
+    if failed:
+        lines.append(f"FAILED members ({len(failed)}): no member file written")
+        lines.extend(f"  fold {f['fold']} seed {f['seed']} ({f['kind']}): {f['message']}" for f in failed)
     return "\n".join(lines)
 
 
@@ -472,20 +481,28 @@ def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optio
                  "(no longer running)")
     try:
         try:
-            _train_jobs(run, prep, ctx, echo, train, stop_after_epoch, clean=lock is not None)
+            failed = _train_jobs(run, prep, ctx, echo, train, stop_after_epoch, clean=lock is not None)
         finally:
             cleanup(ctx)
-        if not ctx.is_main or run.worker is not None:
+        if not ctx.is_main:
             return {}
-        return _write_summary(run, prep, echo)
+        summary = {} if run.worker is not None else _write_summary(run, prep, echo, failed)
+        if failed:  # the other members trained; the run still ends in an error naming what failed
+            raise CvError(f"{len(failed)} member(s) failed: "
+                          + "; ".join(f"fold {f['fold']} seed {f['seed']} ({f['kind']})" for f in failed)
+                          + ". Fix the cause named above and re-run the same command: finished members are kept.")
+        return summary
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_after_epoch: Optional[int],
-                clean: bool) -> None:
+                clean: bool) -> List[Dict[str, Any]]:
+    """Train the members still to do; returns the ones a guard stopped (diverged, out of
+    memory): the others still train. Under DDP a stopped member ends the run."""
     from training.folds import fold_split
+    from training.guards import MemberFailed
     from training.trainer import Trainer
 
     cfg, folds, dataset, jobs = prep.cfg, prep.folds, prep.dataset, prep.jobs
@@ -510,6 +527,7 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
             for line in lines:
                 echo(line)
     tag = f"[worker {run.worker}] " if run.worker is not None else ""
+    failed: List[Dict[str, Any]] = []
     for i, (fold, seed) in enumerate(jobs):
         path = member_path(run.out, fold, seed)
         if (fold, seed) not in todo:
@@ -518,22 +536,32 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
             continue
         train_keys, val_keys = fold_split(folds, fold)
         after = sum(1 for j in jobs[i + 1:] if j in todo)
-        res = Trainer(cfg, dataset, train_keys, val_keys, fold, seed, path,
-                      os.path.join(run.out, ".work", f"fold{fold}_seed{seed}"), ctx, init_state=init_state,
-                      progress=run.progress and run.worker is None, members_after=after, worker=run.worker,
-                      loader_workers=run.loader_workers).fit(stop_after_epoch)
+        try:
+            res = Trainer(cfg, dataset, train_keys, val_keys, fold, seed, path,
+                          os.path.join(run.out, ".work", f"fold{fold}_seed{seed}"), ctx, init_state=init_state,
+                          progress=run.progress and run.worker is None, members_after=after, worker=run.worker,
+                          loader_workers=run.loader_workers).fit(stop_after_epoch)
+        except MemberFailed as exc:
+            if ctx.enabled:
+                raise CvError(str(exc)) from None
+            failed.append({"fold": fold, "seed": seed, "kind": exc.kind, "message": str(exc)})
+            echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: FAILED ({exc.kind}): {exc}")
+            continue
         if ctx.is_main:
             echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: val MCC {res['val_mcc']:.4f} "
                  f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
+    return failed
 
 
-def _write_summary(run: CvRun, prep: _Prepared, echo: Echo) -> Dict[str, Any]:
+def _write_summary(run: CvRun, prep: _Prepared, echo: Echo,
+                   failed: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     from glacier_runtime.atomic import atomic_write_text
 
     folds = prep.folds
     prune_oof(run.out, folds)
     all_jobs = [(f["fold"], s) for f in folds["folds"] for s in run.seeds]
     summary = summarise(run.out, all_jobs, folds, prep.dataset, run.seeds)
+    summary["failed"] = list(failed or [])
     atomic_write_text(os.path.join(run.out, "cv_summary.json"), json.dumps(summary, indent=2) + "\n")
     table = render_summary(summary)
     atomic_write_text(os.path.join(run.out, "cv_summary.txt"), table + "\n")

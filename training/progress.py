@@ -74,6 +74,8 @@ class EpochReporter:
             per = " ".join(f"{n} {row.get('val_mcc_' + n, float('nan')):.3f}" for n in self.class_names)
             parts.append(f"val MCC {row['val_mcc']:.4f} [{per}] best {best:.4f}")
         parts.append(f"lr {row['lr']:.2e}")
+        if row.get("bad_steps"):  # the non-finite guard: isolated bad steps, skipped
+            parts.append(f"{row['bad_steps']} non-finite step{'s' if row['bad_steps'] != 1 else ''} skipped")
         eta = self.etas(epoch)
         parts.append(f"{row['seconds']:.1f} s/epoch")
         parts.append(f"ETA member {fmt_duration(eta['member'])} run {fmt_duration(eta['run'])}")
@@ -85,8 +87,12 @@ class EpochReporter:
             self.bar.set_postfix(loss=f"{row.get('loss_total', 0):.3f}", val=f"{row.get('val_mcc', float('nan')):.3f}",
                                  best=f"{best:.3f}")
             self.bar.update(1)
+            for w in row.get("class_warnings") or []:
+                self.bar.write("  ! " + w, file=self.stream)
             return
         self.stream.write(self.line(row, best) + "\n")
+        for w in row.get("class_warnings") or []:  # the class guard, once per member
+            self.stream.write("  ! " + w + "\n")
         self.stream.flush()
 
     def close(self) -> None:

@@ -34,6 +34,9 @@ from training.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
 from training.dataset import PatchDataset
 from training.distributed import DistContext
+from training.guards import (SKIPPED, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory, NonFiniteMonitor,
+                             assert_finite_state, free_memory, grad_norm, is_oom, nonfinite_parts, nonfinite_tensors,
+                             oom_message, smaller_batch, smaller_window, window_batches)
 from training.loop import EMA, LazyMap, _grad_scaler, _seed_all, _write_csv, lr_factor, validate
 from training.losses import CombinedLoss, class_weights_from_shares
 from training.progress import EpochReporter
@@ -94,6 +97,16 @@ class Trainer:
         self.start_epoch, self.best_mcc, self.bad_epochs = 0, -1.0, 0
         self.stopped_early = False
         self.t0 = time.time()
+        # guards (training/guards.py): auto_batch may shrink the micro-batch (and grow the
+        # accumulation: the effective batch stays) and the validation window
+        t = cfg.train
+        self.micro, self.accum = t.batch_size, t.accumulate
+        self.val_window = cfg.validation.window
+        self.nonfinite = NonFiniteMonitor(limit=t.nonfinite_limit, fold=fold, seed=seed, lr=t.lr,
+                                          boundary=cfg.loss.boundary, ramp=cfg.loss.boundary_ramp_epochs,
+                                          where=work_dir)
+        self.class_monitor: Optional[ClassLearningMonitor] = None
+        self._window_bad: List[str] = []
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup_data(self) -> None:
@@ -137,6 +150,11 @@ class Trainer:
             log.warning("fold %d: classes %s absent from the training tiles; sampler targets renormalised",
                         self.fold, self.sampler.absent)
         self.augment = build_augment(cfg.augment)
+        t = cfg.train
+        self.class_monitor = ClassLearningMonitor(
+            self.class_names, warmup=max(t.warmup_epochs + 1, round(0.1 * t.epochs)), patience=2, fold=self.fold,
+            seed=self.seed, targets=dict(cfg.sampler.targets) if cfg.sampler.mode == "balanced" else {},
+            absent=list(self.sampler.absent))
 
     def setup_model(self, model: Optional[torch.nn.Module] = None) -> None:
         """The network (``model`` replaces the configured one, for tests), DDP wrapper
@@ -148,7 +166,7 @@ class Trainer:
         _seed_all(self.seed, 0xC0FFEE)
         self.spec = model_spec(cfg.model, len(cfg.data.bands), self.n_classes)
         if model is None:
-            model = create_model(self.spec, cfg.model.encoder_weights)
+            model = create_model(self.spec, cfg.model.encoder_weights, cfg.model.encoder_first_conv)
         if self.init_state is not None:
             model.load_state_dict(self.init_state, strict=False)
         if ctx.enabled and cfg.train.sync_bn:
@@ -185,6 +203,7 @@ class Trainer:
                 log.warning("%s belongs to another run (fold/seed/config differ); starting fresh", self.last_path)
             return self.start_epoch
         restore_state(ck, self.device, self.model, self.opt, self.scaler, self.ema, self.plateau)
+        self.restore_guards(ck.get("guards") or {})
         self.history, self.best_mcc, self.bad_epochs = ck["history"], ck["best_mcc"], ck["bad_epochs"]
         self.start_epoch = ck["epoch"] + 1
         if self.ctx.is_main:
@@ -193,9 +212,11 @@ class Trainer:
         return self.start_epoch
 
     # ---- one epoch --------------------------------------------------------------------------
-    def epoch_loader(self, epoch: int) -> Tuple[DataLoader, np.ndarray]:
-        """This rank's patches for ``epoch`` (an equal share on every rank) and the
-        achieved sampler rates over all ranks' patches."""
+    def epoch_patches(self, epoch: int) -> Tuple[PatchDataset, List[int], np.ndarray]:
+        """This rank's patches for ``epoch`` (an equal share on every rank), their training
+        order, and the achieved sampler rates over all ranks' patches. The order (and the
+        dropped remainder) depends on the configured batch only, so a step redone with a
+        smaller micro-batch (``train.auto_batch``) trains on the same samples."""
         cfg, ctx = self.cfg, self.ctx
         patches = self.sampler.sample(cfg.train.patches_per_epoch, self.seed, epoch)
         rates = achieved_rates([p[3] for p in patches], self.n_classes)
@@ -204,17 +225,27 @@ class Trainer:
                           boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch)
         g = torch.Generator()
         g.manual_seed(self.seed * 1009 + epoch)
-        loader = DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=g,
-                            num_workers=self.num_workers, drop_last=len(ds) > cfg.train.batch_size,
+        order = torch.randperm(len(ds), generator=g).tolist()
+        b = cfg.train.batch_size
+        if len(order) > b:  # drop the last incomplete batch
+            order = order[: len(order) // b * b]
+        return ds, order, rates
+
+    def step_loader(self, ds: PatchDataset, order: List[int], start: int = 0) -> Tuple[DataLoader, List[bool]]:
+        """Micro-batches of ``self.micro`` from sample ``start`` (a step boundary) on, and
+        for each whether it ends an optimiser step (``batch_size x accumulate`` samples)."""
+        t = self.cfg.train
+        plan = window_batches(order, t.batch_size * t.accumulate, self.micro, start)
+        loader = DataLoader(ds, batch_sampler=[b for b, _ in plan], num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        return loader, rates
+        return loader, [u for _, u in plan]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, d: Optional[torch.Tensor], epoch: int,
-                   update: bool) -> Dict[str, torch.Tensor]:
-        """Forward and backward on one batch; with ``update`` also clip, step the
-        optimizer and the EMA. Under DDP, gradients are all-reduced only on the
-        updating step (``no_sync`` on the accumulation steps before it)."""
-        cfg = self.cfg
+                   update: bool, step: int = 0) -> Dict[str, torch.Tensor]:
+        """Forward and backward on one micro-batch; with ``update`` also the optimiser step
+        (:meth:`optimizer_step`). Under DDP, gradients are all-reduced only on the updating
+        step (``no_sync`` on the accumulation steps before it). Loss parts that come out
+        NaN/inf are remembered for the step's verdict."""
         sync = contextlib.nullcontext()
         if self.ctx.enabled and not update:
             sync = self.net.no_sync()
@@ -222,17 +253,41 @@ class Trainer:
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.net(x)
             parts = self.loss_fn(logits.float(), y, d, epoch)
-            self.scaler.scale(parts["total"] / cfg.train.accumulate).backward()
+            bad = nonfinite_parts({k: float(v.detach()) for k, v in parts.items()})
+            self._window_bad.extend(p for p in bad if p not in self._window_bad)
+            # backward even on a non-finite loss: under DDP every rank must join the all-reduce
+            # (the NaN gradients it brings make every rank skip this step alike)
+            self.scaler.scale(parts["total"] / self.accum).backward()
         if update:
-            if cfg.train.grad_clip:
-                self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.model)
+            self.optimizer_step(epoch, step)
         return parts
+
+    def optimizer_step(self, epoch: int, step: int) -> str:
+        """Clip and step, unless the loss or the gradient norm (before clipping) is NaN/inf:
+        then the step is skipped and counted, and a run of them stops the member
+        (``MemberDiverged``). Under AMP a GradScaler overflow skip is left to the scaler."""
+        t = self.cfg.train
+        self.scaler.unscale_(self.opt)  # a no-op without AMP
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = (torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip else grad_norm(params))
+        bad, self._window_bad = self._window_bad, []
+        if self.ctx.enabled:  # every rank takes the same decision
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not bad:
+                bad = ["(on another rank)"]
+        scale = float(self.scaler.get_scale()) if self.amp else None
+        verdict = self.nonfinite.observe(epoch, step, bad, bool(torch.isfinite(norm)), self.amp, scale)
+        if verdict == SKIPPED:
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.update()  # AMP: clears the unscale record (and lowers the scale); else a no-op
+            return verdict
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return verdict
 
     def set_lr(self, epoch: int) -> None:
         if self.plateau is None:
@@ -241,32 +296,80 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> Dict[str, Any]:
         """Sample, augment and train one epoch; returns its history row (mean loss parts,
-        learning rate, achieved sampler rates and pixel shares)."""
+        learning rate, achieved sampler rates and pixel shares, non-finite steps skipped,
+        micro-batch and accumulation). Out of memory in a step: ``train.auto_batch`` halves
+        the micro-batch and redoes that step; otherwise ``MemberOutOfMemory``."""
         cfg, device, n = self.cfg, self.device, self.n_classes
         _seed_all(self.seed, epoch)
         self.set_lr(epoch)
-        loader, rates = self.epoch_loader(epoch)
+        ds, order, rates = self.epoch_patches(epoch)
         self.net.train()
+        self.nonfinite.start_epoch()
         sums: Dict[str, float] = {}
         nb = 0
-        self.opt.zero_grad(set_to_none=True)
         pixel_counts = np.zeros(n)
-        n_steps = len(loader)
-        for step, (x, y, d) in enumerate(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            d = d.to(device, non_blocking=True) if d.numel() else None
-            pixel_counts += np.bincount(y.reshape(-1).cpu().numpy(), minlength=n)[:n]
-            update = (step + 1) % cfg.train.accumulate == 0 or step + 1 == n_steps
-            parts = self.train_step(x, y, d, epoch, update)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            nb += 1
+        eff = cfg.train.batch_size * cfg.train.accumulate
+        start = 0  # first sample of the optimiser step being trained
+        while start < len(order):
+            loader, updates = self.step_loader(ds, order, start)
+            w_sums: Dict[str, float] = {}
+            w_nb, w_pix = 0, np.zeros(n)
+            self.opt.zero_grad(set_to_none=True)
+            self._window_bad = []
+            oom = False
+            try:
+                for i, (x, y, d) in enumerate(loader):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    d = d.to(device, non_blocking=True) if d.numel() else None
+                    w_pix += np.bincount(y.reshape(-1).cpu().numpy(), minlength=n)[:n]
+                    parts = self.train_step(x, y, d, epoch, updates[i], step=start // eff)
+                    vals = {k: float(v.detach()) for k, v in parts.items()}
+                    if not nonfinite_parts(vals):  # a skipped step's NaN stays out of the means
+                        for k, v in vals.items():
+                            w_sums[k] = w_sums.get(k, 0.0) + v
+                        w_nb += 1
+                    if updates[i]:  # the step is done: count it
+                        for k, v in w_sums.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        nb += w_nb
+                        pixel_counts += w_pix
+                        w_sums, w_nb, w_pix = {}, 0, np.zeros(n)
+                        start = min(start + eff, len(order))
+                del loader
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not is_oom(exc):
+                    raise
+                oom = True
+            if oom:  # outside the except block: the failed step's tensors are released by now
+                self.opt.zero_grad(set_to_none=True)
+                self.shrink_batch(epoch, start // eff)
         row: Dict[str, Any] = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
                                **{f"loss_{k}": v / max(nb, 1) for k, v in sums.items()}}
         for c, name in enumerate(self.class_names):
             row[f"centre_{name}"] = round(float(rates[c]), 4)
             row[f"pixels_{name}"] = round(float(pixel_counts[c] / max(pixel_counts.sum(), 1)), 4)
+        row.update(bad_steps=self.nonfinite.epoch_bad, amp_skips=self.nonfinite.epoch_amp_skips,
+                   micro_batch=self.micro, accumulate=self.accum)
         return row
+
+    def shrink_batch(self, epoch: int, step: int) -> None:
+        """After an out-of-memory step: half the micro-batch, twice the accumulation (logged),
+        or ``MemberOutOfMemory`` with the numbers and the fix."""
+        free_memory(self.device)
+        t = self.cfg.train
+        where = f"the training step (epoch {epoch} step {step})"
+        msg = f"fold {self.fold} seed {self.seed}: " + oom_message(where, self.micro, self.accum, t.patch_size,
+                                                                   self.device, auto_batch=t.auto_batch)
+        nxt = smaller_batch(self.micro, self.accum)
+        if not t.auto_batch or nxt is None:
+            raise MemberOutOfMemory(msg)
+        if self.ctx.enabled:
+            raise MemberOutOfMemory(msg + " (train.auto_batch does not act under DDP, where every rank must "
+                                          "keep the same batches: set the batch size above)")
+        log.warning("fold %d seed %d epoch %d step %d: out of memory; auto_batch: micro-batch %d -> %d, "
+                    "accumulate %d -> %d (effective batch %d kept), redoing the step", self.fold, self.seed,
+                    epoch, step, self.micro, nxt[0], self.accum, nxt[1], self.micro * self.accum)
+        self.micro, self.accum = nxt
 
     # ---- validate and checkpoint -------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
@@ -288,14 +391,81 @@ class Trainer:
             return True  # no validation tiles: the last epoch is the best
         if not ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
             return False
-        acc, _, _ = validate(self.eval_model(), self.val_raw, self.val_labels, self.stats, self.device, cfg,
-                             self.n_classes)
+        acc, _, _ = self.score(self.eval_model())
         row["val_mcc"] = acc.mcc
         for r in acc.per_class(self.class_names):
             row[f"val_mcc_{r['class']}"] = r["mcc"]
+        row["val_window"] = self.val_window
+        if self.class_monitor is not None:
+            warned = self.class_monitor.observe(epoch, acc.cm, [row[f"centre_{c}"] for c in self.class_names],
+                                                [row[f"pixels_{c}"] for c in self.class_names])
+            for line in warned:
+                log.warning(line)
+            if warned:
+                row["class_warnings"] = warned  # a list: in the epoch line and the checkpoint, not the CSV
         if self.plateau is not None:
             self.plateau.step(acc.mcc)
         return acc.mcc > self.best_mcc
+
+    def score(self, model: torch.nn.Module, keep_probs: bool = False):
+        """``validate`` on the validation tiles; out of memory: with ``train.auto_batch`` the
+        window halves until it fits (logged), otherwise ``MemberOutOfMemory``."""
+        while True:
+            cfg = self.cfg
+            if self.val_window != cfg.validation.window:
+                cfg = cfg.model_copy(deep=True)
+                cfg.validation.window = self.val_window
+            oom = False
+            try:
+                return validate(model, self.val_raw, self.val_labels, self.stats, self.device, cfg, self.n_classes,
+                                keep_probs=keep_probs)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not is_oom(exc):
+                    raise
+                oom = True
+            if oom:
+                free_memory(self.device)
+                side = max(max(a.shape[-2:]) for a in self.val_raw.values())
+                used = min(self.val_window, -(-side // 32) * 32)  # the window actually run
+                new = smaller_window(used, floor=32)
+                t = self.cfg.train
+                msg = f"fold {self.fold} seed {self.seed}: " + oom_message(
+                    "validation", self.micro, self.accum, t.patch_size, self.device, window=used)
+                if not t.auto_batch or new is None:
+                    raise MemberOutOfMemory(msg)
+                log.warning("fold %d seed %d: out of memory in validation; auto_batch: validation window %d -> %d",
+                            self.fold, self.seed, used, new)
+                self.val_window = new
+
+    def guard_state(self) -> Dict[str, Any]:
+        """What the guards carry over a resume (plain values: ``weights_only`` loads them)."""
+        cm = self.class_monitor
+        return {"micro": self.micro, "accum": self.accum, "val_window": self.val_window,
+                "bad_steps_total": self.nonfinite.total_bad,
+                "class_reported": list(cm.reported) if cm else [], "class_warnings": list(cm.warnings) if cm else [],
+                "class_streak": dict(cm.streak) if cm else {}}
+
+    def restore_guards(self, g: Dict[str, Any]) -> None:
+        self.micro, self.accum = int(g.get("micro", self.micro)), int(g.get("accum", self.accum))
+        self.val_window = int(g.get("val_window", self.val_window))
+        self.nonfinite.total_bad = int(g.get("bad_steps_total", 0))
+        if self.class_monitor is not None:
+            self.class_monitor.reported = list(g.get("class_reported", []))
+            self.class_monitor.warnings = list(g.get("class_warnings", []))
+            self.class_monitor.streak = dict(g.get("class_streak", {}))
+
+    def check_finite(self, epoch: int) -> None:
+        """Weights holding NaN/inf stop the member before anything is saved (every rank
+        checks: DDP weights are the same everywhere, so every rank stops alike)."""
+        states = [("the weights", self.model.state_dict())]
+        if self.ema is not None:
+            states.append(("the EMA weights", self.ema.state))
+        for what, sd in states:
+            bad = nonfinite_tensors(sd)
+            if bad:
+                raise MemberDiverged(self.nonfinite.message(
+                    epoch, None, f"{what} hold NaN/inf after the epoch ({', '.join(bad[:3])}"
+                                 f"{' ...' if len(bad) > 3 else ''})"))
 
     def meta(self) -> Dict[str, Any]:
         """What makes a checkpoint self-describing (everything but weights and history)."""
@@ -312,7 +482,8 @@ class Trainer:
 
     def checkpoint(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
         """Rank 0: ``best.pt`` when improved, always ``last.pt`` (everything a resume
-        needs, CPU copies) and the CSV log."""
+        needs, CPU copies) and the CSV log. Weights holding NaN/inf are never written."""
+        self.check_finite(epoch)
         if not self.ctx.is_main:
             return
         state = self.ema.state if self.ema is not None else self.model.state_dict()
@@ -329,7 +500,8 @@ class Trainer:
                      "plateau": self.plateau.state_dict() if self.plateau is not None else None,
                      "scaler": self.scaler.state_dict(),
                      "ema": cpu_state(self.ema.state) if self.ema is not None else None,
-                     "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs},
+                     "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs,
+                     "guards": self.guard_state()},
                     self.last_path)
         _write_csv(os.path.join(self.out_dir, "logs", f"fold{self.fold}_seed{self.seed}.csv"), self.history)
 
@@ -345,21 +517,24 @@ class Trainer:
         per_class: List[Dict[str, Any]] = []
         per_tile: Dict[str, float] = {}
         if self.val_keys:
-            acc, per_tile, probs = validate(self.model, self.val_raw, self.val_labels, self.stats, self.device,
-                                            self.cfg, self.n_classes, keep_probs=self.save_oof)
+            acc, per_tile, probs = self.score(self.model, keep_probs=self.save_oof)
             per_class = acc.per_class(self.class_names)
             if self.save_oof:
                 self.write_oof(probs)
         final = {**best, "kind": self.kind, "history": self.history, "per_class": per_class,
                  "per_tile_mcc": per_tile, "val_mcc": best.get("best_mcc"), "best_epoch": best.get("epoch"),
                  "epochs_run": len(self.history), "stopped_early": self.stopped_early,
-                 "train_seconds": round(time.time() - self.t0, 1)}
+                 "train_seconds": round(time.time() - self.t0, 1),
+                 "class_warnings": list(self.class_monitor.warnings) if self.class_monitor else [],
+                 "bad_steps": self.nonfinite.total_bad, "micro_batch": self.micro, "accumulate": self.accum}
+        assert_finite_state(final["state_dict"], self.out_path)  # never a member with NaN/inf weights
         save_atomic(final, self.out_path)
         for p in (self.last_path, self.best_path):
             if os.path.exists(p):
                 os.unlink(p)
         result.update(val_mcc=final["val_mcc"], best_epoch=final["best_epoch"], epochs_run=len(self.history),
-                      per_class=per_class, seconds=final["train_seconds"], path=self.out_path)
+                      per_class=per_class, seconds=final["train_seconds"], path=self.out_path,
+                      class_warnings=final["class_warnings"], bad_steps=final["bad_steps"])
         return result
 
     def write_oof(self, probs: Dict[str, np.ndarray]) -> None:
