@@ -36,6 +36,35 @@ def _components(binary: np.ndarray, connectivity: int = 8):
     return n, lab, stats[:, cv2.CC_STAT_AREA]
 
 
+def _ring_counts(mask: np.ndarray, chosen: np.ndarray, n: int, k: int, strip: int = 64) -> np.ndarray:
+    """(n, k) counts of ring-pixel classes per chosen label (0 = not chosen).
+
+    A pixel with an 8-neighbour in a chosen component is either in that component or on its
+    ring (a pixel of the same class next to it would belong to it). Each (component, ring
+    pixel) pair counts once: a neighbour label already seen at an earlier offset is skipped.
+    Works in row strips so the eight shifted views stay in cache.
+    """
+    h, w = mask.shape
+    padded = np.pad(chosen, 1)
+    keys = []
+    for y0 in range(0, h, strip):
+        y1 = min(h, y0 + strip)
+        own = chosen[y0:y1]
+        vals = mask[y0:y1].astype(np.int64)
+        neigh = [padded[1 + dy + y0:1 + dy + y1, 1 + dx:1 + dx + w] for dy, dx in _OFFSETS8]
+        for i, lk in enumerate(neigh):
+            ok = lk > 0
+            ok &= lk != own
+            for lj in neigh[:i]:
+                ok &= lk != lj
+            sel = lk[ok]
+            if sel.size:
+                keys.append(sel.astype(np.int64) * k + vals[ok])
+    if not keys:
+        return np.zeros((n, k), np.int64)
+    return np.bincount(np.concatenate(keys), minlength=n * k).reshape(n, k)
+
+
 def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, n: int, selected: np.ndarray,
                          cls: int, n_classes: int) -> np.ndarray:
     """Relabel every selected component of ``cls`` at once: each takes the most common class
@@ -51,28 +80,11 @@ def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, n: int, selected: np
     selected[0] = False
     if not selected.any():
         return out
-    h, w = mask.shape
     chosen = np.where(selected[lab], lab, 0).astype(np.int32)
-    in_comp = chosen > 0
-    # candidate ring pixels: not cls, 8-adjacent to a chosen component
-    ring = cv2.dilate(in_comp.astype(np.uint8), _K8).astype(bool) & (mask != cls)
-    ys, xs = np.nonzero(ring)
     k = max(int(n_classes), int(mask.max()) + 1)
-    counts = np.zeros(n * k, np.int64)
-    if ys.size:
-        padded = np.pad(chosen, 1)
-        wp = w + 2
-        flat = (ys + 1) * wp + (xs + 1)
-        neigh = np.stack([padded.ravel()[flat + dy * wp + dx] for dy, dx in _OFFSETS8], axis=1)
-        neigh.sort(axis=1)
-        # each (component, ring pixel) pair counts once, however many of its 8 neighbours touch it
-        first = np.ones_like(neigh, bool)
-        first[:, 1:] = neigh[:, 1:] != neigh[:, :-1]
-        keep = first & (neigh > 0)
-        vals = np.repeat(mask[ys, xs].astype(np.int64), 8).reshape(-1, 8)
-        counts = np.bincount((neigh[keep].astype(np.int64) * k + vals[keep]), minlength=n * k)
-    counts = counts.reshape(n, k)
+    counts = _ring_counts(mask, chosen, n, k)
     new = counts.argmax(axis=1).astype(mask.dtype)  # all-zero row -> 0, ties -> lowest id
+    in_comp = chosen > 0
     out[in_comp] = new[chosen[in_comp]]
     return out
 
