@@ -8,13 +8,38 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+import threading
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 log = logging.getLogger("glacier.runtime")
+
+_worker = threading.local()
+
+
+def set_worker_threads(n: int) -> None:
+    """Make the calling thread run its forward passes with ``n`` intra-op threads (torch and
+    onnxruntime). Used by the predictor's work-item pool: two work items with one thread
+    each beat one item with two threads on small CPUs (benchmarks/inference_speed.py)."""
+    _worker.threads = max(1, int(n))
+    torch.set_num_threads(_worker.threads)
+
+
+def worker_threads() -> int:
+    """Intra-op threads of the calling thread (0: the backend's default)."""
+    return int(getattr(_worker, "threads", 0))
+
+
+def cpu_cores() -> int:
+    """Cores this process may use (affinity-aware where the OS says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -81,25 +106,44 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxRunner:
+    """onnxruntime session(s) for one exported graph. A worker thread that called
+    ``set_worker_threads(n)`` gets its own n-thread session (made once, then reused), so
+    sessions never fight over one intra-op pool."""
+
     def __init__(self, model_bytes: bytes, device: Optional[str] = None, threads: int = 0):
         import onnxruntime as ort
 
         dev = pick_device(device)
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        self.providers = ["CPUExecutionProvider"]
         if dev.type == "cuda" and "CUDAExecutionProvider" in available:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
+            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self._blob, self._threads = model_bytes, int(threads)
+        self._sessions: Dict[int, object] = {}
+        self._lock = threading.Lock()
+        self.session = self._session(self._threads)
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type
         self.device = torch.device("cpu")
 
+    def _session(self, threads: int):
+        with self._lock:
+            if threads not in self._sessions:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                if threads:
+                    opts.intra_op_num_threads = threads
+                if threads == 1:  # a pool worker: no spinning threads to steal the other worker's core
+                    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self._sessions[threads] = ort.InferenceSession(self._blob, sess_options=opts, providers=self.providers)
+            return self._sessions[threads]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().cpu().numpy()
-        arr = arr.astype(np.float16 if "float16" in self.input_type else np.float32)
-        out = self.session.run(None, {self.input_name: arr})[0]
+        arr = np.ascontiguousarray(arr, dtype=np.float16 if "float16" in self.input_type else np.float32)
+        wt = worker_threads()
+        session = self.session if not wt or wt == self._threads else self._session(wt)
+        out = session.run(None, {self.input_name: arr})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))

@@ -8,13 +8,14 @@ views and members are streamed.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import postprocess
-from .backends import OnnxRunner, TorchRunner, onnxruntime_available
+from .backends import OnnxRunner, TorchRunner, cpu_cores, onnxruntime_available, set_worker_threads
 from .classes import CLASS_VALUES
 from .models import build_model
 from .normalize import masked_pixels, normalize
@@ -34,6 +35,8 @@ DEFAULT_INFERENCE: Dict[str, Any] = {
     "overlap": 0.25,
     "max_batch": "auto",    # views per forward pass: auto = 2 torch-CPU, 1 ORT-CPU (measured on CPU,
                             # benchmarks/inference_speed.py); 8 on CUDA (a default, not measured on a GPU)
+    "workers": "auto",      # CPU: work items (member x view x scale) run this many at once, each with
+                            # cores // workers intra-op threads; auto = one per core (2..4), 1 on CUDA
     "stride": 32,
     "postprocess": [],
     "masked_background": True,  # pixels that are 0 in every band (masked scene edge) -> background
@@ -124,6 +127,72 @@ class Predictor:
             return 1 if isinstance(runner, OnnxRunner) else 2  # benchmarks/inference_speed.py
         return max(1, int(mb))
 
+    def _workers(self, members: Sequence[Member]) -> int:
+        """Work items at once: 1 on CUDA (batched views instead), else one per core (max 4)."""
+        wk = self.cfg.get("workers", "auto")
+        if any(getattr(m.runner, "device", None) is not None and m.runner.device.type == "cuda" for m in members):
+            return 1
+        if wk in (None, "auto"):
+            return min(4, cpu_cores())
+        return max(1, int(wk))
+
+    def _pool(self, workers: int) -> ThreadPoolExecutor:
+        """A persistent pool whose threads each run with cores // workers intra-op threads."""
+        pool = getattr(self, "_pool_obj", None)
+        if pool is None or self._pool_size != workers:
+            if pool is not None:
+                pool.shutdown(wait=True)
+            threads = max(1, cpu_cores() // workers)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="glacier-item",
+                                      initializer=set_worker_threads, initargs=(threads,))
+            self._pool_obj, self._pool_size = pool, workers
+        return pool
+
+    def _items_proba(self, mems: Sequence[Member], weights: Sequence[float], windows: Sequence[np.ndarray],
+                     views, scales, workers: int) -> np.ndarray:
+        """sum_m w_m * mean over views/scales of softmax probabilities, for one window of every
+        member, with (member, scale, view) work items spread over ``workers`` threads.
+
+        Each thread owns one accumulator; a view's inverse is applied as a numpy view of that
+        accumulator (no copy of the probabilities), the softmax is taken in place on the
+        logits. The per-thread sums are added in a fixed order, so results are deterministic.
+        """
+        k = mems[0].n_classes
+        h, w = windows[0].shape[-2:]
+        stride = int(self.cfg["stride"])
+        items: List[Tuple[int, float, Any]] = []
+        inputs: Dict[Tuple[int, float], torch.Tensor] = {}
+        for mi, (member, x) in enumerate(zip(mems, windows)):
+            xt = torch.from_numpy(np.ascontiguousarray(x))[None]
+            for s in scales:
+                size = scaled_size(h, w, s, stride) if s != 1.0 else (h, w)
+                inputs[(mi, s)] = rescale(xt, size)
+                items.extend((mi, s, v) for v in views)
+        per_item = [weights[mi] / (len(views) * len(scales)) for mi, _, _ in items]
+
+        def run(slot: int) -> np.ndarray:
+            acc = np.zeros((k, h, w), np.float32)
+            with torch.no_grad():
+                for j in range(slot, len(items), workers):
+                    mi, s, v = items[j]
+                    logits = mems[mi].runner(v.forward(inputs[(mi, s)])).float()
+                    probs = torch.softmax(logits, dim=1)
+                    if s != 1.0:
+                        probs = rescale(v.inverse(probs), (h, w))
+                        np.add(acc, per_item[j] * probs[0].numpy(), out=acc)
+                    else:  # the inverse as a strided view of the accumulator: no copy
+                        target = _view_forward_np(v, acc)
+                        target += per_item[j] * probs[0].numpy()
+            return acc
+
+        if workers <= 1 or len(items) <= 1:
+            return run(0)
+        parts = list(self._pool(workers).map(run, range(min(workers, len(items)))))
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        return total
+
     def _views_proba(self, member: Member, x: torch.Tensor, views, scales) -> torch.Tensor:
         """Mean softmax over views and scales for one (1, C, h, w) window -> (K, h, w)."""
         h, w = x.shape[-2:]
@@ -155,24 +224,34 @@ class Predictor:
         weights = self._member_weights() if members is None else [1.0 / len(mems)] * len(mems)
         stride = int(self.cfg["stride"])
         _, H, W = image.shape
-        acc = None
-        norm = None
-        for member, mw in zip(mems, weights):
-            x = normalize(image, member.stats)
-            xp, _ = pad_to_multiple(x, stride)
-            hp, wp = xp.shape[1:]
-            window = max(stride, int(self.cfg["window"]) // stride * stride)
-            plan = plan_windows(hp, wp, window, float(self.cfg["overlap"]))
-            wh, ww = plan[0][2:]  # every window of a plan has one size
-            wmap = blend_weight(wh, ww) if len(plan) > 1 else np.ones((wh, ww), np.float32)
-            if acc is None:
-                acc = np.zeros((member.n_classes, hp, wp), np.float32)
-                norm = np.zeros((hp, wp), np.float32)
-            for (y0, x0, wh, ww) in plan:
-                xt = torch.from_numpy(np.ascontiguousarray(xp[:, y0:y0 + wh, x0:x0 + ww]))[None]
-                p = self._views_proba(member, xt, views, scales).numpy()
-                acc[:, y0:y0 + wh, x0:x0 + ww] += mw * p * wmap
-                norm[y0:y0 + wh, x0:x0 + ww] += mw * wmap
+        workers = self._workers(mems)
+        # normalisation is per pixel, so padding the raw tile once and normalising each window
+        # per member equals padding each member's normalised tile (and holds one tile, not M)
+        raw, _ = pad_to_multiple(image, stride)
+        hp, wp = raw.shape[1:]
+        window = max(stride, int(self.cfg["window"]) // stride * stride)
+        plan = plan_windows(hp, wp, window, float(self.cfg["overlap"]))
+        wh, ww = plan[0][2:]  # every window of a plan has one size
+        wmap = blend_weight(wh, ww) if len(plan) > 1 else None
+        k = mems[0].n_classes
+        if len(plan) == 1 and workers > 1:  # the common case: one window, no blending buffers
+            wins = [normalize(raw, m.stats) for m in mems]
+            probs = self._items_proba(mems, weights, wins, views, scales, workers) / np.float32(sum(weights))
+            return probs[:, :H, :W]
+        acc = np.zeros((k, hp, wp), np.float32)
+        norm = np.zeros((hp, wp), np.float32)
+        for (y0, x0, wh, ww) in plan:
+            wins = [normalize(raw[:, y0:y0 + wh, x0:x0 + ww], m.stats) for m in mems]
+            if workers > 1:
+                p = self._items_proba(mems, weights, wins, views, scales, workers)
+            else:
+                p = np.zeros((k, wh, ww), np.float32)
+                for member, mw, win in zip(mems, weights, wins):
+                    xt = torch.from_numpy(np.ascontiguousarray(win))[None]
+                    p += mw * self._views_proba(member, xt, views, scales).numpy()
+            wt = np.ones((wh, ww), np.float32) if wmap is None else wmap
+            acc[:, y0:y0 + wh, x0:x0 + ww] += p * wt
+            norm[y0:y0 + wh, x0:x0 + ww] += float(sum(weights)) * wt
         probs = acc / np.maximum(norm, 1e-12)
         return probs[:, :H, :W]
 
@@ -257,6 +336,16 @@ class Predictor:
                     torch.cuda.empty_cache()
         log.warning("%s: writing background", name)
         return np.zeros((H, W), np.uint8), "fallback: background"
+
+
+def _view_forward_np(view, arr: np.ndarray) -> np.ndarray:
+    """``view.forward`` on a (K, H, W) numpy array as a strided view (no copy), so that adding
+    a model output in the view's frame to it adds the inverse-transformed output to ``arr``."""
+    if view.flip:
+        arr = arr[:, :, ::-1]
+    if view.k:
+        arr = np.rot90(arr, view.k, axes=(1, 2))
+    return arr
 
 
 def load_payload(path) -> Dict[str, Any]:

@@ -1,0 +1,130 @@
+"""Linear-time post-processing against independent scipy.ndimage references, on worst-case
+random masks (every pixel an independent class draw: thousands of components) at odd sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from glacier_runtime import postprocess
+
+ndi = pytest.importorskip("scipy.ndimage")
+S8 = np.ones((3, 3), bool)
+
+
+def ref_relabel(mask, cls, drop_fn):
+    """Component by component, the textbook way: scipy labels, ring = dilation minus component."""
+    out = mask.copy()
+    lab, n = ndi.label(mask == cls, structure=S8)
+    for i in range(1, n + 1):
+        comp = lab == i
+        if drop_fn(comp):
+            ring = ndi.binary_dilation(comp, structure=S8) & ~comp
+            vals = mask[ring]
+            vals = vals[vals != cls]
+            out[comp] = np.bincount(vals, minlength=4).argmax() if vals.size else 0
+    return out
+
+
+def ref_remove_small(mask, cls, min_area):
+    return ref_relabel(mask, cls, lambda c: c.sum() < min_area)
+
+
+def ref_lake_shape(mask, cls, min_area, min_width):
+    dist = ndi.distance_transform_edt(np.pad(mask == cls, 1))[1:-1, 1:-1]
+    return ref_relabel(mask, cls, lambda c: c.sum() < min_area or 2 * dist[c].max() < min_width)
+
+
+def ref_fill_holes(mask, cls, max_area=None):
+    holes = ndi.binary_fill_holes(mask == cls) & (mask != cls)
+    lab, n = ndi.label(holes)  # 4-connected, as the rule's holes
+    out = mask.copy()
+    for i in range(1, n + 1):
+        comp = lab == i
+        if max_area is None or comp.sum() <= max_area:
+            out[comp] = cls
+    return out
+
+
+def ref_debris(mask, debris=2, glacier=1, to=0):
+    lab, n = ndi.label(mask == debris, structure=S8)
+    near = ndi.binary_dilation(mask == glacier, structure=S8)
+    out = mask.copy()
+    for i in range(1, n + 1):
+        if not (near & (lab == i)).any():
+            out[lab == i] = to
+    return out
+
+
+def worst_case(seed, shape, p=(0.4, 0.3, 0.2, 0.1)):
+    return np.random.default_rng(seed).choice(4, size=shape, p=p).astype(np.uint8)
+
+
+SHAPES = [(1, 1), (1, 17), (13, 1), (3, 5), (31, 47), (67, 45), (101, 99)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_remove_small_random(shape, seed):
+    m = worst_case(seed, shape)
+    for cls, area in ((1, 5), (2, 3), (3, 12), (0, 2)):
+        assert np.array_equal(postprocess.remove_small(m, cls, area), ref_remove_small(m, cls, area)), (cls, area)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_fill_holes_random(shape, seed):
+    m = worst_case(seed, shape, p=(0.2, 0.6, 0.1, 0.1))
+    for cls in (1, 2):
+        for max_area in (None, 1, 3, 40):
+            assert np.array_equal(postprocess.fill_holes(m, cls, max_area), ref_fill_holes(m, cls, max_area)), (cls, max_area)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_lake_shape_random(shape, seed):
+    m = worst_case(seed, shape, p=(0.2, 0.2, 0.1, 0.5))  # many lake blobs, some wide
+    for min_area, min_width in ((0, 3.0), (12, 3.0), (5, 0.0), (0, 2.5), (4, 4.0)):
+        got = postprocess.lake_shape(m, 3, min_area, min_width)
+        assert np.array_equal(got, ref_lake_shape(m, 3, min_area, min_width)), (min_area, min_width)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_debris_random(shape, seed):
+    m = worst_case(seed, shape, p=(0.5, 0.1, 0.35, 0.05))
+    assert np.array_equal(postprocess.debris_needs_glacier(m), ref_debris(m))
+    assert np.array_equal(postprocess.debris_needs_glacier(m, to=3), ref_debris(m, to=3))
+
+
+def test_component_filling_the_tile_and_one_without_ring():
+    m = np.full((9, 7), 2, np.uint8)  # one component, no ring at all -> 0, as the reference
+    assert np.array_equal(postprocess.remove_small(m, 2, 100), ref_remove_small(m, 2, 100))
+    assert (postprocess.remove_small(m, 2, 100) == 0).all()
+
+
+def test_ring_pixel_shared_by_two_components_counts_for_both():
+    # two lake specks share ring pixels (8-adjacent to both through a diagonal gap)
+    m = np.zeros((6, 6), np.uint8)
+    m[:, 3:] = 1
+    m[2, 2] = 3
+    m[2, 4] = 3
+    assert np.array_equal(postprocess.remove_small(m, 3, 5), ref_remove_small(m, 3, 5))
+
+
+@pytest.mark.parametrize("preset", ["light", "competition"])
+def test_presets_random_match_reference_chain(preset):
+    import yaml, pathlib
+
+    rules = yaml.safe_load((pathlib.Path(__file__).parents[1] / "configs" / "postprocess" / f"{preset}.yaml").read_text())["rules"]
+    m = worst_case(11, (83, 91))
+    ref = m.copy()
+    for r in rules:
+        if r["rule"] == "min_area":
+            ref = ref_remove_small(ref, r["class"], r["min_area"])
+        elif r["rule"] == "lake_shape":
+            ref = ref_lake_shape(ref, r["class"], r["min_area"], r["min_width"])
+        elif r["rule"] == "debris_needs_glacier":
+            ref = ref_debris(ref, r["class"], r["glacier"], r["to"])
+        elif r["rule"] == "fill_holes":
+            ref = ref_fill_holes(ref, r["class"], r.get("max_area"))
+    assert np.array_equal(postprocess.apply(m, rules), ref)
