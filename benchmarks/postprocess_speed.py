@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cv2.setNumThreads(1)  # one core for both implementations: CPU time == work
-    root = os.path.join(os.path.dirname(__file__), "..", "configs", "postprocess")
+    root = os.path.join(os.path.dirname(__file__), "..", "glacier_submit", "presets")
     rows = []
     for size in args.sizes:
         for kind, make in (("worst-case random", worst_case), ("realistic prediction", realistic)):

@@ -13,7 +13,7 @@ Rules (each switchable, parameterised, applied in list order):
   become ``to`` (background by default).
 
 A config is a list of dicts ``{"rule": name, "class": id, ...}``; presets live in
-``glacier_submit/presets/``.
+the build command's presets folder (docs/BUNDLE.md).
 
 Every rule is linear in the pixels: one labelling pass (OpenCV connected components with
 statistics), per-component decisions from ``np.bincount`` and vectorised look-ups; no

@@ -148,15 +148,19 @@ def _views_timer(per_view_s, tried):
 
 
 def test_time_budget_drops_tta_in_order(tiny_members, tmp_path, monkeypatch):
-    """No setting fits: every cheaper setting is tried in the documented order, the cheapest kept."""
+    """No setting fits: every cheaper setting is tried in the documented order, the cheapest kept,
+    then the weakest member goes (one forward view left) and the note says even that is too slow."""
     import glacier_submit.bundle as bundle_mod
 
     assert [c[0] for c in candidate_settings("d4", [0.75, 1.0])] == ["d4", "d4", "flips", "none"]
     tried = []
     monkeypatch.setattr(bundle_mod, "time_predictor", _views_timer(1.0, tried))
     m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=0.5, bias="none")
-    assert [t[:2] for t in tried] == [("d4", [0.75, 1.0]), ("d4", [1.0]), ("flips", [1.0]), ("none", [1.0])]
+    assert [t[:2] for t in tried] == [("d4", [0.75, 1.0]), ("d4", [1.0]), ("flips", [1.0]), ("none", [1.0]),
+                                      ("none", [1.0])]
+    assert [t[2] for t in tried] == [32, 16, 6, 2, 1]
     assert m["tta"] == ["identity"] and m["scales"] == [1.0]
+    assert sum(r["kept"] for r in m["selection"]["table"]) == 1
     assert any("reduced" in n for n in m["notes"]) and any("cheapest" in n for n in m["notes"])
 
 

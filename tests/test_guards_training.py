@@ -37,7 +37,7 @@ def dataset(synth_data):
 
 
 def run(cfg, dataset, tmp_path, train=TRAIN, val=VAL, fold=0, seed=0):
-    from training.loop import train_member
+    from training.trainer import train_member
 
     out = str(tmp_path / f"fold{fold}_seed{seed}.pt")
     return out, train_member(cfg, dataset, train, val, fold, seed, out, str(tmp_path / ".work" / f"fold{fold}_seed{seed}"),

@@ -115,7 +115,7 @@ def test_ring_pixel_shared_by_two_components_counts_for_both():
 def test_presets_random_match_reference_chain(preset):
     import yaml, pathlib
 
-    rules = yaml.safe_load((pathlib.Path(__file__).parents[1] / "configs" / "postprocess" / f"{preset}.yaml").read_text())["rules"]
+    rules = yaml.safe_load((pathlib.Path(__file__).parents[1] / "glacier_submit" / "presets" / f"{preset}.yaml").read_text())["rules"]
     m = worst_case(11, (83, 91))
     ref = m.copy()
     for r in rules:
