@@ -6,6 +6,9 @@ against the untuned default bundle, in one run and with the same members:
     python benchmarks/tune_heldout.py --weights demo/weights --train demo/synth/train \
         --unseen demo/synth/unseen --out benchmarks/results/tune_heldout.json
 
+A third bundle, the default plus ``--crf``, gives the CRF's gain and cost on the unseen
+region whatever the tuner decided.
+
 Both bundles are built by the CLI and evaluated by ``glacier-submit evaluate`` (the bundle
 run as the platform runs it), so the numbers are the ones a user would see.
 """
@@ -49,6 +52,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"default": a.default_args.split(),
+                    "default + CRF": a.default_args.split() + ["--crf"],
                     "tuned (--tune oof)": ["--tune", "oof", "--tune-data", a.train]
                     + (["--time-budget", str(a.time_budget)] if a.time_budget else [])}
         for name, extra in variants.items():
@@ -63,7 +67,7 @@ def main() -> None:
                 man = json.load(fh)
             rows[name] = {"mcc": r["mcc"], "per_class": r["per_class"], "seconds_per_tile": r.get("seconds_per_tile"),
                           "build_seconds": round(build_s, 1), "tta": man["tta"], "scales": man["scales"],
-                          "postprocess": man.get("postprocess_preset"), "bias": man["bias"],
+                          "postprocess": man.get("postprocess_preset"), "bias": man["bias"], "crf": man.get("crf"),
                           "tuning": man.get("tuning"), "build_output": out[-4000:]}
     base = rows["default"]["mcc"]
     for v in rows.values():

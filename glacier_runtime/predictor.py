@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import postprocess
+from .crf import crf_refine, validate_crf
 from .backends import OnnxRunner, TorchRunner, cpu_cores, onnxruntime_available, set_worker_threads
 from .classes import CLASS_VALUES
 from .models import build_model
@@ -40,6 +41,7 @@ DEFAULT_INFERENCE: Dict[str, Any] = {
     "stride": 32,
     "postprocess": [],
     "masked_background": True,  # pixels that are 0 in every band (masked scene edge) -> background
+    "crf": None,            # optional CRF refinement of the merged probabilities (glacier_runtime/crf.py)
 }
 
 
@@ -90,6 +92,7 @@ class Predictor:
         if self.bias.shape != (self.n_classes,):
             raise ValueError(f"bias needs {self.n_classes} values, got {self.bias.tolist()}")
         self.rules = postprocess.validate_rules(cfg.get("postprocess") or [])
+        self.crf = validate_crf(cfg.get("crf"))
         self.class_values = np.asarray(list(class_values)[: self.n_classes], np.uint8)
 
     # -- construction ------------------------------------------------------------------------
@@ -287,6 +290,15 @@ class Predictor:
         out[0, masked] = 1.0
         return out
 
+    def refine(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """The CRF step (when configured): masked pixels certain background first (as in
+        the saved out-of-fold probabilities the tuner judges it on), the tile's bands,
+        normalised with the first member's statistics, as the appearance term."""
+        if self.crf is None:
+            return probs
+        probs = self.masked_to_background(probs, self.masked(image))
+        return crf_refine(probs, normalize(image, self.members[0].stats), self.crf)
+
     def predict_ids(self, image: np.ndarray, views=None, scales=None, members=None) -> np.ndarray:
         """(C, H, W) raw tile -> (H, W) class ids. Tiles larger than ``block`` on a side go
         block by block (each with a context margin), so the working memory beyond the tile
@@ -294,7 +306,8 @@ class Predictor:
         _, H, W = image.shape
         block = int(self.cfg.get("block") or 0)
         if block <= 0 or (H <= block and W <= block):
-            return self.decide(self.predict_proba(image, views, scales, members), self.masked(image))
+            probs = self.refine(self.predict_proba(image, views, scales, members), image)
+            return self.decide(probs, self.masked(image))
         stride = int(self.cfg["stride"])
         margin = max(stride, int(self.cfg["window"]) // 8 // stride * stride)
         ids = np.zeros((H, W), np.uint8)
@@ -303,7 +316,8 @@ class Predictor:
                 y1, x1 = min(H, y0 + block), min(W, x0 + block)
                 ya, xa, yb, xb = max(0, y0 - margin), max(0, x0 - margin), min(H, y1 + margin), min(W, x1 + margin)
                 crop = image[:, ya:yb, xa:xb]
-                core = self._argmax(self.predict_proba(crop, views, scales, members))[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+                probs = self.refine(self.predict_proba(crop, views, scales, members), crop)
+                core = self._argmax(probs)[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
                 if self.cfg.get("masked_background", True):
                     core[masked_pixels(image[:, y0:y1, x0:x1])] = 0
                 ids[y0:y1, x0:x1] = core

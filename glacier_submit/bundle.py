@@ -24,9 +24,10 @@ from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
 from glacier_submit.publish import prepare_out, publish_bundle
 from glacier_submit.selection import drop_weakest, folds_missing, render_table, select_members
+from glacier_runtime.crf import validate_crf
 from glacier_runtime.predictor import Predictor
 from glacier_runtime.tta import resolve_views
-from glacier_submit.tune import PredictFn, TuneResult, load_oof_set, tune
+from glacier_submit.tune import PredictFn, RefineFn, TuneResult, load_oof_set, tune
 
 log = logging.getLogger("glacier.build")
 MB = 1024 * 1024
@@ -308,13 +309,15 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
           single_file: bool = False, device: str = "cpu", window: int = 1024,
           max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512),
           tune: Optional[str] = None, tune_data: Optional[str] = None, tune_confidence: float = 0.95,
-          echo=None) -> Dict[str, Any]:
+          crf: bool = False, echo=None) -> Dict[str, Any]:
     """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
 
     Nothing in ``out`` changes until every budget is met; then the four files replace the
     previous bundle as one set (glacier_submit/publish.py). With ``tune="oof"`` the seeds per
     fold, TTA, scales, bias and post-processing are chosen from out-of-fold evidence
-    (glacier_submit/tune.py) instead of taken from the arguments.
+    (glacier_submit/tune.py) instead of taken from the arguments; the CRF step
+    (``crf=True``, or offered to the tuner when ``tune_data`` is given) refines the merged
+    probabilities with the tile's bands (glacier_runtime/crf.py).
     """
     from glacier_submit.render import render_solution
 
@@ -335,7 +338,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     resolve_views(tta)  # validate early
     rules = load_postprocess(postprocess)
     inference = {"tta": tta, "scales": [float(s) for s in scales], "merge": merge, "bias": None,
-                 "window": window, "overlap": 0.25, "max_batch": "auto", "stride": 32, "postprocess": rules}
+                 "window": window, "overlap": 0.25, "max_batch": "auto", "stride": 32, "postprocess": rules,
+                 "crf": validate_crf({"enabled": True}) if crf else None}
     backend, parity_report = prepare_backend(entries, backend)
     tile = check_tile(entries[0]["stats"], check_data, check_size)
     pip = ["onnxruntime"] if backend == "onnx" else []
@@ -373,7 +377,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
             payload["members"] = [e for e in payload["members"] if e["name"] in keep_names]
         tta, scales, postprocess = st["tta"], list(st["scales"]), st["postprocess"]
         rules = load_postprocess(postprocess)
-        payload["inference"].update(tta=tta, scales=[float(s) for s in scales], postprocess=rules)
+        payload["inference"].update(tta=tta, scales=[float(s) for s in scales], postprocess=rules,
+                                    crf=validate_crf({"enabled": True}) if st.get("crf") else None)
 
     # time budget: TTA/scales in the documented order, then the weakest members
     timing, chosen = fit_time(payload, tile, device, tta, scales, time_budget, table, notes)
@@ -418,7 +423,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
                       "folds": sorted({r["fold"] for r in table}), "folds_missing": missing},
         "tta": views, "scales": payload["inference"]["scales"], "merge": merge,
         "weights": [e["weight"] for e in entries], "bias": bias_info, "tuned_on_tiles": tuned_on, "postprocess": rules,
-        "postprocess_preset": postprocess,
+        "postprocess_preset": postprocess, "crf": payload["inference"].get("crf"),
         "tuning": tuning.manifest() if tuning is not None else None,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],
@@ -459,7 +464,8 @@ def render_manifest(m: Dict[str, Any]) -> str:
     lines += [
         "",
         f"TTA {len(m['tta'])} views ({', '.join(m['tta'])}) x scales {m['scales']}, merge {m['merge']}, "
-        f"post-processing {m['postprocess_preset'] or 'none'} ({len(m['postprocess'])} rules)",
+        f"post-processing {m['postprocess_preset'] or 'none'} ({len(m['postprocess'])} rules)"
+        + (", CRF on" if m.get('crf') else ""),
         f"bias: {m['bias']['mode']}" + (f" {[round(b, 2) for b in m['bias']['values']]}" if m['bias'].get('values') else "")
         + (f" (OOF MCC {m['bias']['oof_mcc_before']:.4f} -> {m['bias']['oof_mcc_after']:.4f})" if 'oof_mcc_after' in m['bias'] else ""),
         f"backend {r['backend']}, weights {r['precision']}"
@@ -509,17 +515,20 @@ def tune_for_build(entries: List[Dict[str, Any]], payload: Dict[str, Any], tile:
 
     def cost(s: Mapping[str, Any]) -> float:
         idx = subset(s.get("members"))
-        key = (tuple(idx), str(s.get("tta")), tuple(s.get("scales") or [1.0]), s.get("postprocess"))
+        key = (tuple(idx), str(s.get("tta")), tuple(s.get("scales") or [1.0]), s.get("postprocess"), bool(s.get("crf")))
         if key not in cache:
             sub = dict(payload, members=[payload["members"][i] for i in idx])
             over = {"tta": s.get("tta", "none"), "scales": list(s.get("scales") or [1.0]),
-                    "postprocess": presets.get(s.get("postprocess") or "none", [])}
+                    "postprocess": presets.get(s.get("postprocess") or "none", []),
+                    "crf": {"enabled": True} if s.get("crf") else None}
             cache[key] = time_predictor(sub, tile, device, over)["tile_s"]
             echo(f"  cost: {len(idx)} members, TTA {over['tta']}, scales {over['scales']}, "
-                 f"post-processing {s.get('postprocess') or 'none'}: {cache[key]:.2f} s/tile")
+                 f"post-processing {s.get('postprocess') or 'none'}{', CRF' if s.get('crf') else ''}: "
+                 f"{cache[key]:.2f} s/tile")
         return cache[key]
 
     predict: Optional[PredictFn] = None
+    refine: Optional[RefineFn] = None
     if tune_data:
         from training.data.competition import CompetitionDataset
 
@@ -546,7 +555,23 @@ def tune_for_build(entries: List[Dict[str, Any]], payload: Dict[str, Any], tile:
             return out
 
         predict = _predict
+        # the CRF with each tile's own fold member statistics as the appearance term's scale
+        refiners: Dict[int, Predictor] = {}
+
+        def _refine(probs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            out: Dict[str, np.ndarray] = {}
+            for k, p in probs.items():
+                f = oof.fold_of[k]
+                if f not in refiners:
+                    idx = [names[m] for m in oof.members_of_fold.get(f, []) if m in names][:1] or [0]
+                    refiners[f] = Predictor.from_payload(payload, device=device, members=idx,
+                                                         overrides={"crf": {"enabled": True}})
+                out[k] = refiners[f].refine(p, ds.image(k))
+            echo(f"  CRF on {len(probs)} OOF tiles")
+            return out
+
+        refine = _refine
 
     k = int(payload["members"][0]["spec"]["classes"])
     return tune(oof, k, predict=predict, cost=cost, time_budget=time_budget, presets=presets,
-                confidence=confidence, n_boot=n_boot)
+                confidence=confidence, n_boot=n_boot, refine=refine)

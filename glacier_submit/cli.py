@@ -59,6 +59,7 @@ def cli(verbose: bool) -> None:
 @click.option("--merge", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True, help="Ensemble merge: mean, or weighted by validation MCC (or --weights).")
 @click.option("--weights", default=None, help="Comma list of member weights (implies --merge weighted).")
 @click.option("--postprocess", default="none", show_default=True, help="Preset shipped in glacier_submit/presets (none, light, competition) or a YAML path.")
+@click.option("--crf", is_flag=True, help="Refine the merged probabilities with a convolutional CRF on the tile's bands (glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it helps.")
 @click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members), none, or comma list per class.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb.")
@@ -69,10 +70,10 @@ def cli(verbose: bool) -> None:
 @click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
 @click.option("--max-members", type=click.IntRange(min=1), default=None, help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
-@click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True, help="oof: choose seeds per fold, TTA, scales, bias and post-processing from the members' out-of-fold predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then ignored.")
+@click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True, help="oof: choose seeds per fold, TTA, scales, CRF, bias and post-processing from the members' out-of-fold predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then ignored.")
 @click.option("--tune-data", type=click.Path(exists=True, file_okay=False), default=None, help="The training folder the members were trained on: lets --tune oof re-predict OOF tiles to judge TTA and scales.")
 @click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
-def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, precision, max_mb, time_budget,
+def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, backend, precision, max_mb, time_budget,
           test_tiles, check_data, single_file, device, max_members, tune, tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
@@ -84,7 +85,7 @@ def build(models, out, tta, scales, merge, weights, postprocess, bias, backend, 
                      weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
                      check_data=check_data, single_file=single_file, device=device, max_members=max_members,
-                     tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, echo=click.echo)
+                     tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, crf=crf, echo=click.echo)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))

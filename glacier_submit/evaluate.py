@@ -237,7 +237,7 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         "leaky": stamped, "leaks": leaks, "returncode": run.returncode, "timed_out": run.timed_out,
         "seconds": run.seconds, "seconds_per_tile": run.seconds / len(keys), "peak_rss_mb": run.peak_rss_mb,
         "time_budget_s": manifest.get("budget", {}).get("time_budget_s"), "date": time.strftime("%Y-%m-%d %H:%M"),
-        "notes": notes,
+        "notes": notes, "tuning_decisions": (manifest.get("tuning") or {}).get("decisions"),
     }
     if not run.ok:
         report["stderr_tail"] = run.tail(3000)

@@ -167,6 +167,11 @@ def render_report(r: Dict[str, Any]) -> str:
         from training.grading import render_grade
 
         lines += ["", "graded against training/targets.yaml (evaluate):", render_grade(r["grade"]), ""]
+    if r.get("tuning_decisions"):
+        from glacier_submit.tune import render_decision_rows
+
+        lines += ["decisions of build --tune oof (taken on the training region's out-of-fold predictions):"]
+        lines += render_decision_rows(r["tuning_decisions"]) + [""]
     budget = r.get("time_budget_s")
     lines.append(f"time: {r['seconds']:.1f} s total, {r['seconds_per_tile']:.2f} s per tile"
                  + (f" (budget {budget:.2f} s per tile: {'OK' if r['seconds_per_tile'] <= budget else 'OVER'})" if budget else "")

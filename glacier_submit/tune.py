@@ -215,6 +215,7 @@ class Decision:
 
 PredictFn = Callable[[List[str], Any, List[float], Dict[str, List[str]]], Dict[str, np.ndarray]]
 CostFn = Callable[[Dict[str, Any]], float]
+RefineFn = Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]
 
 
 @dataclass
@@ -274,13 +275,16 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
          time_budget: Optional[float] = None, tta_candidates: Sequence[str] = ("none", "flips", "d4"),
          scale_candidates: Sequence[Sequence[float]] = ((1.0,), (0.75, 1.0, 1.25)),
          presets: Optional[Mapping[str, List[Dict[str, Any]]]] = None, confidence: float = 0.95,
-         n_boot: int = 1000, seed: int = 0, max_pixels: int = 2_000_000) -> TuneResult:
+         n_boot: int = 1000, seed: int = 0, max_pixels: int = 2_000_000,
+         refine: Optional[RefineFn] = None) -> TuneResult:
     """Choose seeds per fold, TTA views, scales, bias and post-processing from OOF evidence.
 
     ``predict(keys, tta, scales, members)`` re-predicts the given OOF tiles, each with its
     own fold's kept members (``members``: fold -> member names), and returns ``{tile: (K, H, W) probabilities}`` (masked pixels
     as background); without it the saved OOF probabilities are used and TTA and scales
-    are not tuned. ``cost(settings)`` gives the bundle's seconds per tile.
+    are not tuned. ``cost(settings)`` gives the bundle's seconds per tile. ``refine(probs)``
+    applies the CRF to ``{tile: probabilities}`` (it needs the tiles' bands); without it the
+    CRF is not offered.
     """
     from glacier_runtime import postprocess
 
@@ -291,7 +295,8 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
     keys = oof.keys
     labels = [oof.labels[t] for t in keys]
     decisions: List[Decision] = []
-    settings: Dict[str, Any] = {"members": None, "tta": "none", "scales": [1.0], "bias": None, "postprocess": "none"}
+    settings: Dict[str, Any] = {"members": None, "tta": "none", "scales": [1.0], "bias": None, "postprocess": "none",
+                                "crf": False}
 
     def cms(probs: Mapping[str, np.ndarray], bias=None, rules=None) -> np.ndarray:
         preds = []
@@ -368,6 +373,21 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
     else:
         decisions.append(Decision("tta", "none", "none", False,
                                   reason="no training tiles to re-predict (give --tune-data): TTA and scales not tuned"))
+
+    # 3b. CRF refinement of the merged probabilities (fixed parameters: nothing is fitted)
+    if refine is not None:
+        s = dict(settings, crf=True)
+        c = over_budget(s)
+        if time_budget is not None and c is not None and c > time_budget:
+            decisions.append(Decision("crf", False, True, False, cost_s=c,
+                                      reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
+        else:
+            cand = refine(current)
+            if judge("crf", False, True, cms(current), cms(cand), c):
+                settings["crf"], current = True, cand
+    else:
+        decisions.append(Decision("crf", False, False, False,
+                                  reason="no training tiles for the appearance term (give --tune-data): CRF not tried"))
 
     # 4. class bias, cross-fitted over folds
     split = _folds_split(oof)

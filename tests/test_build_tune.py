@@ -47,7 +47,9 @@ def test_build_tune_oof_records_decisions_and_tiles(oof_members, synth_data, tmp
     tu = m["tuning"]
     assert sorted(tu["tiles"]) == keys
     settings = {d["setting"] for d in tu["decisions"]}
-    assert {"seeds per fold", "tta", "bias", "postprocess"} <= settings
+    assert {"seeds per fold", "tta", "crf", "bias", "postprocess"} <= settings
+    crf = [d for d in tu["decisions"] if d["setting"] == "crf"][0]
+    assert (m["crf"] is not None) == crf["adopted"] and crf["cost_s"] is not None  # cost measured, then judged
     seeds = [d for d in tu["decisions"] if d["setting"] == "seeds per fold"][0]
     # averaging two seeds with independent noise is clearly better on OOF: all six members kept
     assert seeds["adopted"] and seeds["lo"] > 0 and len(m["members"]) == 6
@@ -67,6 +69,14 @@ def test_tuned_bundle_refuses_leaky_evaluation(oof_members, synth_data, tmp_path
     m = build(paths, str(tmp_path / "b"), tune="oof", check_size=(64, 64))
     assert "tuned tuning" in leakage(m, keys[:1])
     assert leakage(m, ["99_99"]) == {}
+    # the evaluation report repeats each decision (value kept, gain, interval, why)
+    from glacier_submit.report import render_report
+
+    text = render_report({"tuning_decisions": m["tuning"]["decisions"], "seconds": 1.0, "seconds_per_tile": 0.5,
+                          "peak_rss_mb": 10.0})
+    assert "--tune oof" in text
+    for d in m["tuning"]["decisions"]:
+        assert any(line.startswith(d["setting"]) and d["reason"] in line for line in text.splitlines()), d
 
 
 def test_tune_needs_oof(tiny_members, tmp_path):

@@ -220,3 +220,21 @@ def test_bias_tuned_from_oof(tmp_path):
         probs.append(p / p.sum(0))
     bias, before, after = tune_bias(probs, labels)
     assert after > before + 0.1 and bias[0] == 0 and bias[3] > 0
+
+
+def test_crf_bundle_runs_on_the_platform_and_matches_in_process(tiny_members, messy_test_data, tmp_path):
+    """build --crf: the CRF ships inside solution.py (runtime sources) and the sandboxed run
+    equals the in-process predictor with the same settings; the step changes some pixels."""
+    out = str(tmp_path / "crf")
+    m = build(tiny_members, out, crf=True, bias="none", check_size=(64, 64))
+    assert m["crf"]["iterations"] == 5 and m["crf"]["window"] == 5  # the parameters, written out
+    res = run_bundle(out, messy_test_data, "imagepath", str(tmp_path / "masks"), timeout=300)
+    assert res.ok, res.tail()
+    payload = load_payload(os.path.join(out, "model.pth"))
+    ref = predict_folder(Predictor.from_payload(payload, device="cpu"), messy_test_data, str(tmp_path / "ref"),
+                         progress=False)
+    plain = predict_folder(Predictor.from_payload(payload, device="cpu", overrides={"crf": None}), messy_test_data,
+                           str(tmp_path / "plain"), progress=False)
+    for tid, mask in res.masks.items():
+        assert np.array_equal(mask, ref[tid]), tid
+    assert any(not np.array_equal(ref[t], plain[t]) for t in ref)

@@ -75,3 +75,38 @@ def test_nan_features_and_bad_config():
     assert validate_crf({"enabled": False}) is None
     with pytest.raises(ValueError, match="do not match"):
         crf_refine(p, np.zeros((5, 4, 5), np.float32))
+
+
+def test_predictor_applies_the_crf_between_merging_and_deciding():
+    """Predictor with ``crf`` configured: class ids == argmax of the naive mean-field loop run
+    on the predictor's own merged probabilities (masked pixels certain background first),
+    with the bands normalised by hand as the appearance term; masked pixels stay background."""
+    import torch
+
+    from glacier_runtime.backends import TorchRunner
+    from glacier_runtime.predictor import Member, Predictor
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(5, 4, 3, padding=1)
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 20, (5, 11, 13)).astype(np.float32)
+    img[:, :2, :3] = 0                                       # a masked corner
+    stats = {"mean": [100.0] * 5, "std": [20.0] * 5, "lo": [0.0] * 5, "hi": [1e4] * 5}
+    member = Member(TorchRunner(net, "cpu", fold_bn=False), stats, n_classes=4)
+    cfg = dict(iterations=2, window=3, theta_pos=2.0, theta_app=0.8, w_app=1.0, theta_smooth=1.2, w_smooth=0.7)
+    plain = Predictor([member], {"stride": 1})
+    with_crf = Predictor([member], {"stride": 1, "crf": cfg})
+    probs = plain.predict_proba(img)
+    masked = (img == 0).all(0)
+    probs_m = probs.copy()
+    probs_m[:, masked] = 0
+    probs_m[0, masked] = 1
+    feats = (np.clip(img, 0, 1e4) - 100.0) / 20.0
+    ref = naive_crf(probs_m.astype(np.float64), feats.astype(np.float64), cfg["window"], cfg["iterations"],
+                    cfg["theta_pos"], cfg["theta_app"], cfg["w_app"], cfg["theta_smooth"], cfg["w_smooth"]).argmax(0)
+    ref[masked] = 0
+    got = with_crf.predict_ids(img)
+    assert (got == ref).all()
+    assert (got != plain.predict_ids(img)).any()  # the step did something on this tile
+    with pytest.raises(ValueError, match="crf.window"):
+        Predictor([member], {"crf": {"window": 4}})

@@ -147,3 +147,47 @@ def test_bias_adopted_for_an_under_predicted_class_cross_fitted():
     d = [d for d in res.decisions if d.setting == "bias"][0]
     assert d.adopted and "cross-fitted" in d.reason
     assert res.settings["bias"][3] > 0 and res.settings["bias"][0] == 0
+
+
+def _box_smooth(probs, r=2):
+    """An independent refinement for the decision test: a box filter of the probabilities
+    (scipy), which removes independent per-pixel noise on blocky labels."""
+    from scipy.ndimage import uniform_filter
+
+    return {k: uniform_filter(p, size=(1, 2 * r + 1, 2 * r + 1), mode="nearest") for k, p in probs.items()}
+
+
+def test_crf_step_adopted_when_it_helps_and_refused_when_it_hurts_or_costs_too_much():
+    rng = np.random.default_rng(6)
+    labels = _blocky_labels(rng)
+    keys = [f"t{i}" for i in range(len(labels))]
+    fold_of = {k: i % 5 for i, k in enumerate(keys)}
+    noisy = {f"fold{f}_seed0": {k: _probs_from_ids(lab, sharp=1.2, rng=rng) for k, lab in zip(keys, labels)
+                                if fold_of[k] == f} for f in range(5)}
+    oof = _oof(labels, noisy, fold_of, {f: [f"fold{f}_seed0"] for f in range(5)})
+    seen = []
+
+    def helps(p):
+        seen.append(sorted(p))
+        return _box_smooth(p)
+
+    res = tune(oof, K, refine=helps, n_boot=300)
+    crf = [d for d in res.decisions if d.setting == "crf"][0]
+    assert crf.adopted and crf.lo > 0 and res.settings["crf"] is True
+    assert seen == [keys]  # judged on every OOF tile, once
+
+    def hurts(p):  # scrambles the class channels: must not be adopted
+        return {k: v[::-1].copy() for k, v in p.items()}
+
+    res = tune(oof, K, refine=hurts, n_boot=300)
+    assert not [d for d in res.decisions if d.setting == "crf"][0].adopted and res.settings["crf"] is False
+
+    calls = []
+    res = tune(oof, K, refine=lambda p: calls.append(1) or _box_smooth(p), n_boot=300, time_budget=1.0,
+               cost=lambda s: 5.0 if s.get("crf") else 0.5)
+    d = [d for d in res.decisions if d.setting == "crf"][0]
+    assert not d.adopted and "budget" in d.reason and not calls  # never computed over the budget
+
+    res = tune(oof, K, n_boot=300)  # no bands to refine with: said so
+    d = [d for d in res.decisions if d.setting == "crf"][0]
+    assert not d.adopted and "--tune-data" in d.reason
