@@ -23,10 +23,9 @@ step "4/6 5-fold CV with configs/quickstart.yaml (resumable: re-run to continue)
 $BIN/glacier-train cv --config configs/quickstart.yaml --data "$OUT/synth/train" \
     --folds "$OUT/folds.json" --seeds 0 --out "$OUT/weights"
 
-step "5/6 bundle: 5 members, flips TTA, light post-processing, bias tuned on out-of-fold predictions"
-rm -rf "$OUT/submission"
-$BIN/glacier-submit build --models "$OUT/weights/*.pt" --out "$OUT/submission" --tta flips \
-    --postprocess light --test-tiles 9
+step "5/6 bundle: TTA, scales, CRF, bias and post-processing decided on out-of-fold evidence (--tune oof)"
+$BIN/glacier-submit build --models "$OUT/weights/*.pt" --out "$OUT/submission" --tune oof \
+    --tune-data "$OUT/synth/train" --test-tiles 9
 
 step "6/6 evaluate the bundle as the platform runs it, on the unseen region (no member saw it)"
 $BIN/glacier-submit evaluate --bundle "$OUT/submission" --data "$OUT/synth/unseen" --compare --out "$OUT/report"

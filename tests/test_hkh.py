@@ -27,6 +27,17 @@ def test_layout_detection_with_prefix_and_splits(fake_hkh):
     assert os.path.basename(found["train"][0].image).startswith("slice_0_img_")
 
 
+@pytest.mark.parametrize("folder", ["dev", "valid", "validation"])
+def test_dev_folder_is_the_validation_split(tmp_path, folder):
+    """The glacier_mapping pipeline writes train/ dev/ test/: dev is validation, not 'all'."""
+    for split in ("train", folder):
+        os.makedirs(tmp_path / split)
+        np.save(tmp_path / split / "img_1.npy", np.zeros((8, 8, 15), np.float32))
+        np.save(tmp_path / split / "mask_1.npy", np.zeros((8, 8, 2), np.uint8))
+    found = find_patches(str(tmp_path))
+    assert sorted(found) == ["train", "val"] and found["val"][0].key == os.path.join(folder, "img_1.npy")
+
+
 def test_flat_layout_and_channel_first(tmp_path):
     img = np.zeros((15, 32, 32), np.float32)
     img[0] = 7.0

@@ -22,7 +22,7 @@ _NO_NAMED_WEIGHTS = (
     "pretrained RGB filters do not match Landsat's 5 bands (blue, green, red, SWIR-1, thermal): the first "
     "convolution would see SWIR and thermal through filters learnt for RGB (runs started this way have "
     "been seen stuck at an MCC near 0.05-0.10). Start from none (model.encoder_weights: null), or pre-train on HKH "
-    "(`glacier-train pretrain`) and start from those weights with `glacier-train cv --init-from weights/hkh.pt`")
+    "(`glacier-train pretrain`) and start from those weights with `glacier-train cv --init-from pretrained/hkh.pt`")
 
 
 class EncoderWeightsError(ValueError):

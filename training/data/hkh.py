@@ -26,6 +26,8 @@ from training.bands import HKH_CHANNELS, BandMappingError, COMPETITION_BANDS, ma
 
 _IMG = re.compile(r"^(?P<prefix>.*?)img_(?P<id>[^.]+)\.npy$")
 SPLITS = ("train", "val", "test")
+#: other names for the validation split (the glacier_mapping pipeline writes ``dev/``)
+SPLIT_ALIASES = {"dev": "val", "valid": "val", "validation": "val"}
 
 
 class HKHLayoutError(ValueError):
@@ -47,6 +49,7 @@ def find_patches(root: str) -> Dict[str, List[HKHPatch]]:
     out: Dict[str, List[HKHPatch]] = {}
     for folder, _, files in os.walk(root):
         rel = os.path.relpath(folder, root).split(os.sep)[0]
+        rel = SPLIT_ALIASES.get(rel, rel)
         split = rel if rel in SPLITS else "all"
         names = set(files)
         for f in sorted(files):
