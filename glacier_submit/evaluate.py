@@ -138,15 +138,16 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
 
     def run(label, overrides, members=None, rule_sets=None):
         pred = Predictor.from_payload(payload, device=device, overrides=overrides, members=members)
+        images = {k: ds.image(k) for k in keys}
         t0 = time.perf_counter()
-        probs = {k: pred.predict_proba(ds.image(k)) for k in keys}
+        probs = {k: pred.refine(pred.predict_proba(images[k]), images[k]) for k in keys}  # CRF as the bundle
         secs = (time.perf_counter() - t0) / max(len(keys), 1)
         for rs_label, rules in (rule_sets or [("", None)]):
             if rules is not None:
                 pred.rules = rules
             acc = ConfusionAccumulator(n)
             for k in keys:
-                acc.update(ds.label(k), pred.decide(probs[k], pred.masked(ds.image(k))))
+                acc.update(ds.label(k), pred.decide(probs[k], pred.masked(images[k])))
             variants.append({"variant": label + rs_label, "mcc": acc.mcc, "seconds_per_tile": secs,
                              "views": pred.n_forward_views})
 
@@ -158,6 +159,10 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
             rule_sets.append((f" - without {r['rule']}(class {r.get('class')})", rules[:i] + rules[i + 1:]))
     run("bundle as built", {}, rule_sets=rule_sets)
     run("bundle without bias", {"bias": None})
+    if base_inf.get("crf"):
+        run("without CRF", {"crf": None})
+    else:
+        run("with CRF", {"crf": {"enabled": True}})
     for label, tta, scales in (("no TTA", "none", [1.0]), ("flips", "flips", [1.0]), ("D4", "d4", [1.0]),
                                ("D4 + scales 0.75/1/1.25", "d4", [0.75, 1.0, 1.25])):
         if tta == base_inf.get("tta") and list(scales) == list(base_inf.get("scales", [1.0])):

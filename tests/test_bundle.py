@@ -238,3 +238,25 @@ def test_crf_bundle_runs_on_the_platform_and_matches_in_process(tiny_members, me
     for tid, mask in res.masks.items():
         assert np.array_equal(mask, ref[tid]), tid
     assert any(not np.array_equal(ref[t], plain[t]) for t in ref)
+
+
+def test_ablations_score_the_crf_bundle_as_built(tiny_members, synth_data, tmp_path):
+    """evaluate --compare's 'bundle as built' row applies the CRF like the platform run does
+    (rescored here with sklearn from predict_ids), and a 'without CRF' row says what it buys."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from glacier_submit.evaluate import ablations
+    from training.data.competition import CompetitionDataset
+
+    out = str(tmp_path / "crf")
+    m = build(tiny_members, out, crf=True, bias="none", check_size=(64, 64))
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    keys = ds.keys[:2]
+    rows = {r["variant"]: r for r in ablations(out, ds, keys, m)}
+    pred = Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu")
+    y = np.concatenate([ds.label(k).ravel() for k in keys])
+    p = np.concatenate([pred.predict_ids(ds.image(k)).ravel() for k in keys])
+    assert rows["bundle as built"]["mcc"] == pytest.approx(matthews_corrcoef(y, p), abs=1e-9)
+    plain = Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu", overrides={"crf": None})
+    q = np.concatenate([plain.predict_ids(ds.image(k)).ravel() for k in keys])
+    assert rows["without CRF"]["mcc"] == pytest.approx(matthews_corrcoef(y, q), abs=1e-9)
