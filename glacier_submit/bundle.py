@@ -23,6 +23,7 @@ import torch
 from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
 from glacier_submit.publish import prepare_out, publish_bundle
+from glacier_submit.quantize import check_calibration, quantize_entries
 from glacier_submit.selection import drop_weakest, folds_missing, render_table, select_members
 from glacier_runtime.predictor import Predictor
 from glacier_runtime.tta import resolve_views
@@ -284,6 +285,36 @@ def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, D
     return backend, parity_report
 
 
+def int8_backend(backend: str, calib: Optional[str], notes: List[str]) -> str:
+    """int8 runs as an ONNX graph in onnxruntime: ``auto`` becomes ``onnx`` (noted), ``torch`` is
+    refused; calibration data must be given. Checked before any export."""
+    from glacier_submit.quantize import Int8Error, check_calib_data
+
+    if backend == "torch":
+        raise Int8Error("--precision int8 runs only on the ONNX backend (int8 graphs run in onnxruntime; the "
+                        "pure-torch runtime is fp32/fp16): use --backend onnx or auto, or drop --precision int8")
+    check_calib_data(calib)
+    if backend == "auto":
+        notes.append("--precision int8: backend onnx (int8 graphs run in onnxruntime; solution.py asks for it "
+                      "with '# pip install onnxruntime')")
+    return "onnx"
+
+
+def int8_agreement(payload: Dict[str, Any], fp32_blobs: Dict[str, Any], calib_used: Dict[str, List[str]],
+                   calib: str, tile: np.ndarray, min_agreement: float) -> Dict[str, Any]:
+    """Measure int8 vs fp32 class-map agreement of the kept members; refuse below the threshold."""
+    from glacier_submit.quantize import METHOD, agreement_tiles, check_agreement, measure_agreement, onnxruntime_version
+
+    names, images = agreement_tiles(payload["members"], calib, tile)
+    res = measure_agreement(payload, fp32_blobs, images)
+    check_agreement(res, min_agreement, names)
+    kept = {e["name"] for e in payload["members"]}
+    return {"method": METHOD, "onnxruntime": onnxruntime_version(), "calib_data": os.path.abspath(calib),
+            "calibration_tiles": {k: v for k, v in calib_used.items() if k in kept},
+            "agreement": res["ensemble"], "member_agreement": res["members"], "agreement_tiles": names,
+            "agreement_setting": "no TTA, bias or post-processing", "min_agreement": min_agreement}
+
+
 def check_upload(src_bytes: bytes, blob: bytes, single_file: bool, budget: int, max_mb: float) -> None:
     """The last check before anything is written: the upload fits ``--max-mb``."""
     total = len(src_bytes) + (0 if single_file else len(blob))
@@ -308,13 +339,17 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
           single_file: bool = False, device: str = "cpu", window: int = 1024,
           max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512),
           tune: Optional[str] = None, tune_data: Optional[str] = None, tune_confidence: float = 0.95,
+          calib_data: Optional[str] = None, int8_min_agreement: float = 99.5,
           echo=None) -> Dict[str, Any]:
     """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
 
     Nothing in ``out`` changes until every budget is met; then the four files replace the
     previous bundle as one set (glacier_submit/publish.py). With ``tune="oof"`` the seeds per
     fold, TTA, scales, bias and post-processing are chosen from out-of-fold evidence
-    (glacier_submit/tune.py) instead of taken from the arguments.
+    (glacier_submit/tune.py) instead of taken from the arguments. ``precision="int8"``
+    quantises each member's ONNX graph, calibrated on its training tiles in ``calib_data``
+    (default ``tune_data``), and refuses below ``int8_min_agreement`` percent pixel agreement
+    with fp32 (glacier_submit/quantize.py).
     """
     from glacier_submit.render import render_solution
 
@@ -324,8 +359,16 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     tune = None if tune == "none" else tune
     if max_members is not None and max_members < 1:
         raise ValueError(f"--max-members must be at least 1 (got {max_members})")
+    if precision not in ("auto", "fp32", "fp16", "int8"):
+        raise ValueError(f"--precision must be auto, fp32, fp16 or int8, got {precision!r}")
     notes: List[str] = []
+    int8 = precision == "int8"
+    calib = calib_data or tune_data
+    if int8:
+        backend = int8_backend(backend, calib, notes)
     entries = load_members(models, notes)
+    if int8:
+        check_calibration(entries, calib)
     if weights is not None:
         if len(weights) != len(entries):
             raise ValueError(f"--weights has {len(weights)} values for {len(entries)} members")
@@ -339,6 +382,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     backend, parity_report = prepare_backend(entries, backend)
     tile = check_tile(entries[0]["stats"], check_data, check_size)
     pip = ["onnxruntime"] if backend == "onnx" else []
+    calib_used, fp32_blobs = quantize_entries(entries, calib) if int8 else ({}, {})
 
     # size budget: fp16 first, then the strongest members with every fold represented
     budget = int(max_mb * MB)
@@ -348,7 +392,10 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     kept = {r["name"] for r in table if r["kept"]}
     entries = [e for e in entries if e["name"] in kept]
     payload = make_payload(entries, inference)
-    agree16 = None
+    agree16 = int8_info = None
+    if int8:
+        int8_info = int8_agreement(payload, fp32_blobs, calib_used, calib, tile, int8_min_agreement)
+        fp32_blobs.clear()
     if fp16:
         p16 = cast_payload(payload, torch.float16)
         if backend == "torch":
@@ -422,7 +469,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         "tuning": tuning.manifest() if tuning is not None else None,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],
-        "runtime": {"backend": backend, "precision": "fp16" if fp16 else "fp32", "fp16_agreement": agree16,
+        "runtime": {"backend": backend, "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
+                    "fp16_agreement": agree16, "int8": int8_info,
                     "onnx_parity": {k: v for k, v in parity_report.items() if k in kept}, "single_file": single_file,
                     "built_with": {"python": _pyplatform.python_version(), "torch": torch.__version__}},
         "budget": {"max_mb": max_mb, "time_budget_s": time_budget},
@@ -463,7 +511,9 @@ def render_manifest(m: Dict[str, Any]) -> str:
         f"bias: {m['bias']['mode']}" + (f" {[round(b, 2) for b in m['bias']['values']]}" if m['bias'].get('values') else "")
         + (f" (OOF MCC {m['bias']['oof_mcc_before']:.4f} -> {m['bias']['oof_mcc_after']:.4f})" if 'oof_mcc_after' in m['bias'] else ""),
         f"backend {r['backend']}, weights {r['precision']}"
-        + (f" (fp16 vs fp32 class agreement {r['fp16_agreement'] * 100:.3f} %)" if r.get("fp16_agreement") is not None else ""),
+        + (f" (fp16 vs fp32 class agreement {r['fp16_agreement'] * 100:.3f} %)" if r.get("fp16_agreement") is not None else "")
+        + (f" (int8 vs fp32 class agreement {r['int8']['agreement'] * 100:.3f} % on {len(r['int8']['agreement_tiles'])} "
+           f"tiles, threshold {r['int8']['min_agreement']:g} %; needs onnxruntime where it runs)" if r.get("int8") else ""),
         f"size {size:.1f} MB of {m['budget']['max_mb']:.0f} MB",
         f"time on {t['device']} ({t['machine']}): load {t['load_s']:.2f} s, {t['tile_s']:.2f} s per "
         f"{t['check_tile'][1]}x{t['check_tile'][2]} tile -> ~{t['estimated_total_s']:.0f} s for {t['test_tiles']} tiles",
