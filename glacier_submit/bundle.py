@@ -300,6 +300,59 @@ def int8_backend(backend: str, calib: Optional[str], notes: List[str]) -> str:
     return "onnx"
 
 
+def check_allow_int8(precision: str, backend: str, time_budget: Optional[float], calib: Optional[str]) -> None:
+    """``--allow-int8`` is a permission for ``--time-budget``; refuse combinations it cannot serve."""
+    from glacier_submit.quantize import Int8Error, check_calib_data
+
+    if time_budget is None:
+        raise Int8Error("--allow-int8 lets --time-budget switch to int8; give --time-budget SECONDS, or build int8 "
+                        "outright with --precision int8")
+    if precision == "fp16":
+        raise Int8Error("--allow-int8 goes with --precision auto or fp32 (got fp16)")
+    if backend == "torch":
+        raise Int8Error("--allow-int8 needs the ONNX backend (int8 graphs run in onnxruntime): use --backend auto "
+                        "or onnx")
+    check_calib_data(calib)
+
+
+def consider_int8(payload: Dict[str, Any], tile: np.ndarray, device: str, time_budget: float, calib: str,
+                  min_agreement: float, parity_report: Dict[str, Any], notes: List[str]):
+    """``--allow-int8``: when the requested setting exceeds ``time_budget`` in fp32, quantise the
+    kept members and use int8 if it passes the agreement check and is faster. Returns
+    (int8 payload, int8 manifest info) or None (fp32 kept; the note says why)."""
+    from glacier_submit.export import export_member, onnx_tensor
+    from glacier_submit.quantize import Int8Error
+
+    over = {"tta": payload["inference"]["tta"], "scales": payload["inference"]["scales"]}
+    t32 = time_predictor(payload, tile, device, over)["tile_s"]
+    if t32 <= time_budget:
+        notes.append(f"--allow-int8: fp32 fits the time budget ({t32:.2f} s <= {time_budget:.2f} s per tile): "
+                     "kept fp32")
+        return None
+    members = [dict(e) for e in payload["members"]]
+    for e in members:
+        if e.get("onnx") is None:
+            res = export_member(e)
+            e["onnx"] = onnx_tensor(res["onnx"])
+            parity_report[e["name"]] = res["parity"]
+    used, blobs = quantize_entries(members, calib)
+    p8 = dict(payload, members=members)
+    head = f"--allow-int8: fp32 takes {t32:.2f} s per tile > the {time_budget:.2f} s budget"
+    try:
+        info = int8_agreement(p8, blobs, used, calib, tile, min_agreement)
+    except Int8Error as exc:
+        notes.append(f"{head}; int8 not used ({exc})")
+        return None
+    t8 = time_predictor(p8, tile, device, over)["tile_s"]
+    if t8 >= t32:
+        notes.append(f"{head}; int8 not used: it takes {t8:.2f} s, no faster on this device")
+        return None
+    info.update(fp32_tile_s=round(t32, 3), int8_tile_s=round(t8, 3), chosen_by="--time-budget with --allow-int8")
+    notes.append(f"{head}; int8 takes {t8:.2f} s with {100 * info['agreement']:.3f} % pixel agreement "
+                 f"(>= {min_agreement:g} %): built in int8, backend onnx (needs onnxruntime where it runs)")
+    return p8, info
+
+
 def int8_agreement(payload: Dict[str, Any], fp32_blobs: Dict[str, Any], calib_used: Dict[str, List[str]],
                    calib: str, tile: np.ndarray, min_agreement: float) -> Dict[str, Any]:
     """Measure int8 vs fp32 class-map agreement of the kept members; refuse below the threshold."""
@@ -339,7 +392,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
           single_file: bool = False, device: str = "cpu", window: int = 1024,
           max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512),
           tune: Optional[str] = None, tune_data: Optional[str] = None, tune_confidence: float = 0.95,
-          calib_data: Optional[str] = None, int8_min_agreement: float = 99.5,
+          calib_data: Optional[str] = None, int8_min_agreement: float = 99.5, allow_int8: bool = False,
           echo=None) -> Dict[str, Any]:
     """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
 
@@ -349,7 +402,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     (glacier_submit/tune.py) instead of taken from the arguments. ``precision="int8"``
     quantises each member's ONNX graph, calibrated on its training tiles in ``calib_data``
     (default ``tune_data``), and refuses below ``int8_min_agreement`` percent pixel agreement
-    with fp32 (glacier_submit/quantize.py).
+    with fp32 (glacier_submit/quantize.py). ``allow_int8`` lets ``time_budget`` switch to int8
+    (when it passes the same check) before any TTA, scale or member is dropped.
     """
     from glacier_submit.render import render_solution
 
@@ -366,8 +420,10 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     calib = calib_data or tune_data
     if int8:
         backend = int8_backend(backend, calib, notes)
+    elif allow_int8:
+        check_allow_int8(precision, backend, time_budget, calib)
     entries = load_members(models, notes)
-    if int8:
+    if int8 or allow_int8:
         check_calibration(entries, calib)
     if weights is not None:
         if len(weights) != len(entries):
@@ -421,6 +477,12 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         tta, scales, postprocess = st["tta"], list(st["scales"]), st["postprocess"]
         rules = load_postprocess(postprocess)
         payload["inference"].update(tta=tta, scales=[float(s) for s in scales], postprocess=rules)
+
+    if allow_int8 and not int8:  # --time-budget may switch to int8 before dropping anything
+        switched = consider_int8(payload, tile, device, time_budget, calib, int8_min_agreement, parity_report, notes)
+        if switched is not None:
+            payload, int8_info = switched
+            int8, fp16, agree16, backend, pip = True, False, None, "onnx", ["onnxruntime"]
 
     # time budget: TTA/scales in the documented order, then the weakest members
     timing, chosen = fit_time(payload, tile, device, tta, scales, time_budget, table, notes)

@@ -206,3 +206,56 @@ def test_graph_only_member_without_onnxruntime_says_what_to_do(int8_bundle, monk
     with pytest.raises(RuntimeError, match="onnx or auto backend"):
         member_from_entry(entry, "cpu", "torch")
     assert Predictor.from_payload({"members": [entry]}, device="cpu", backend="onnx").n_forward_views == 1
+
+
+def _precision_timer(per_view_s, int8_factor, tried):
+    """A stand-in for bundle.time_predictor: ``per_view_s`` per forward view (counted by the real
+    Predictor), times ``int8_factor`` when the payload's members are int8 graphs."""
+    def timer(payload, tile, device="cpu", overrides=None, repeats=1):
+        views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
+        is8 = all(e.get("precision") == "int8" for e in payload["members"])
+        tried.append((overrides["tta"], views, "int8" if is8 else "fp32"))
+        return {"load_s": 0.0, "tile_s": per_view_s * views * (int8_factor if is8 else 1.0), "views": views}
+    return timer
+
+
+def test_time_budget_uses_int8_only_when_allowed(calib_members, synth_data, tmp_path, monkeypatch):
+    """flips x 2 members = 6 views at 0.1 s: 0.6 s > the 0.5 s budget in fp32, 0.18 s in int8.
+    Without --allow-int8 the TTA is cut; with it the build switches to int8 and keeps flips."""
+    import glacier_submit.bundle as bundle_mod
+
+    calib = os.path.join(synth_data, "train")
+    tried = []
+    monkeypatch.setattr(bundle_mod, "time_predictor", _precision_timer(0.1, 0.3, tried))
+    m = build(calib_members, str(tmp_path / "no"), tta="flips", time_budget=0.5, bias="none", check_size=(64, 64))
+    assert m["runtime"]["precision"] == "fp32" and m["tta"] == ["identity"]
+    assert all(t[2] == "fp32" for t in tried)
+    tried.clear()
+    m = build(calib_members, str(tmp_path / "yes"), tta="flips", time_budget=0.5, bias="none", check_size=(64, 64),
+              allow_int8=True, calib_data=calib, int8_min_agreement=50.0)
+    assert m["runtime"]["precision"] == "int8" and m["runtime"]["backend"] == "onnx"
+    assert m["tta"] == ["identity", "hflip", "vflip"] and len(m["members"]) == 2
+    assert m["runtime"]["int8"]["fp32_tile_s"] == 0.6 and m["runtime"]["int8"]["int8_tile_s"] == 0.18
+    assert any("--allow-int8: fp32 takes 0.60 s" in n and "built in int8" in n for n in m["notes"])
+    assert tried[:2] == [("flips", 6, "fp32"), ("flips", 6, "int8")]
+    src = open(tmp_path / "yes" / "solution.py").read().splitlines()[:15]
+    assert any(line.startswith("# pip install onnxruntime") for line in src)
+    assert all(e["state_dict"] == {} for e in load_payload(str(tmp_path / "yes" / "model.pth"))["members"])
+
+
+@pytest.mark.slow
+def test_time_budget_int8_below_agreement_keeps_fp32(calib_members, synth_data, tmp_path, monkeypatch):
+    import glacier_submit.bundle as bundle_mod
+
+    monkeypatch.setattr(bundle_mod, "time_predictor", _precision_timer(0.1, 0.3, []))
+    m = build(calib_members[:1], str(tmp_path / "r"), tta="flips", time_budget=0.2, bias="none", check_size=(64, 64),
+              allow_int8=True, calib_data=os.path.join(synth_data, "train"), int8_min_agreement=100.0)
+    assert m["runtime"]["precision"] == "fp32" and m["tta"] == ["identity"]
+    assert any("int8 not used" in n and "int8 refused" in n for n in m["notes"])
+
+
+def test_allow_int8_needs_a_time_budget(calib_members, synth_data, tmp_path):
+    with pytest.raises(Int8Error, match="give --time-budget"):
+        build(calib_members, str(tmp_path / "x"), allow_int8=True, calib_data=os.path.join(synth_data, "train"))
+    with pytest.raises(Int8Error, match="--calib-data DIR"):
+        build(calib_members, str(tmp_path / "x"), allow_int8=True, time_budget=1.0)
