@@ -66,6 +66,12 @@ def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, ba
         blob = blob.numpy().tobytes() if isinstance(blob, torch.Tensor) else bytes(blob)
         runner = OnnxRunner(blob, device)
     else:
+        if not entry.get("state_dict") and entry.get("onnx") is not None:
+            raise RuntimeError(
+                f"member {entry.get('name')} ships only an ONNX graph ({entry.get('precision', 'fp32')}) and "
+                + ("onnxruntime cannot be imported here: install it (pip install onnxruntime; solution.py names it "
+                   "in a '# pip install' line)" if backend != "torch" else "the torch backend was asked for: run it "
+                   "with the onnx or auto backend") + ", or rebuild the bundle with --precision fp32")
         model = build_model(spec)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in entry["state_dict"].items()}
         model.load_state_dict(sd, strict=True)

@@ -23,6 +23,7 @@ import torch
 from glacier_submit import __version__
 from glacier_submit.members import cast_payload, load_members, make_payload
 from glacier_submit.publish import prepare_out, publish_bundle
+from glacier_submit.quantize import check_calibration, quantize_entries
 from glacier_submit.selection import drop_weakest, folds_missing, render_table, select_members
 from glacier_runtime.crf import validate_crf
 from glacier_runtime.predictor import Predictor
@@ -285,6 +286,89 @@ def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, D
     return backend, parity_report
 
 
+def int8_backend(backend: str, calib: Optional[str], notes: List[str]) -> str:
+    """int8 runs as an ONNX graph in onnxruntime: ``auto`` becomes ``onnx`` (noted), ``torch`` is
+    refused; calibration data must be given. Checked before any export."""
+    from glacier_submit.quantize import Int8Error, check_calib_data
+
+    if backend == "torch":
+        raise Int8Error("--precision int8 runs only on the ONNX backend (int8 graphs run in onnxruntime; the "
+                        "pure-torch runtime is fp32/fp16): use --backend onnx or auto, or drop --precision int8")
+    check_calib_data(calib)
+    if backend == "auto":
+        notes.append("--precision int8: backend onnx (int8 graphs run in onnxruntime; solution.py asks for it "
+                      "with '# pip install onnxruntime')")
+    return "onnx"
+
+
+def check_allow_int8(precision: str, backend: str, time_budget: Optional[float], calib: Optional[str]) -> None:
+    """``--allow-int8`` is a permission for ``--time-budget``; refuse combinations it cannot serve."""
+    from glacier_submit.quantize import Int8Error, check_calib_data
+
+    if time_budget is None:
+        raise Int8Error("--allow-int8 lets --time-budget switch to int8; give --time-budget SECONDS, or build int8 "
+                        "outright with --precision int8")
+    if precision == "fp16":
+        raise Int8Error("--allow-int8 goes with --precision auto or fp32 (got fp16)")
+    if backend == "torch":
+        raise Int8Error("--allow-int8 needs the ONNX backend (int8 graphs run in onnxruntime): use --backend auto "
+                        "or onnx")
+    check_calib_data(calib)
+
+
+def consider_int8(payload: Dict[str, Any], tile: np.ndarray, device: str, time_budget: float, calib: str,
+                  min_agreement: float, parity_report: Dict[str, Any], notes: List[str]):
+    """``--allow-int8``: when the requested setting exceeds ``time_budget`` in fp32, quantise the
+    kept members and use int8 if it passes the agreement check and is faster. Returns
+    (int8 payload, int8 manifest info) or None (fp32 kept; the note says why)."""
+    from glacier_submit.export import export_member, onnx_tensor
+    from glacier_submit.quantize import Int8Error
+
+    over = {"tta": payload["inference"]["tta"], "scales": payload["inference"]["scales"]}
+    t32 = time_predictor(payload, tile, device, over)["tile_s"]
+    if t32 <= time_budget:
+        notes.append(f"--allow-int8: fp32 fits the time budget ({t32:.2f} s <= {time_budget:.2f} s per tile): "
+                     "kept fp32")
+        return None
+    members = [dict(e) for e in payload["members"]]
+    for e in members:
+        if e.get("onnx") is None:
+            res = export_member(e)
+            e["onnx"] = onnx_tensor(res["onnx"])
+            parity_report[e["name"]] = res["parity"]
+    used, blobs = quantize_entries(members, calib)
+    p8 = dict(payload, members=members)
+    head = f"--allow-int8: fp32 takes {t32:.2f} s per tile > the {time_budget:.2f} s budget"
+    try:
+        info = int8_agreement(p8, blobs, used, calib, tile, min_agreement)
+    except Int8Error as exc:
+        notes.append(f"{head}; int8 not used ({exc})")
+        return None
+    t8 = time_predictor(p8, tile, device, over)["tile_s"]
+    if t8 >= t32:
+        notes.append(f"{head}; int8 not used: it takes {t8:.2f} s, no faster on this device")
+        return None
+    info.update(fp32_tile_s=round(t32, 3), int8_tile_s=round(t8, 3), chosen_by="--time-budget with --allow-int8")
+    notes.append(f"{head}; int8 takes {t8:.2f} s with {100 * info['agreement']:.3f} % pixel agreement "
+                 f"(>= {min_agreement:g} %): built in int8, backend onnx (needs onnxruntime where it runs)")
+    return p8, info
+
+
+def int8_agreement(payload: Dict[str, Any], fp32_blobs: Dict[str, Any], calib_used: Dict[str, List[str]],
+                   calib: str, tile: np.ndarray, min_agreement: float) -> Dict[str, Any]:
+    """Measure int8 vs fp32 class-map agreement of the kept members; refuse below the threshold."""
+    from glacier_submit.quantize import METHOD, agreement_tiles, check_agreement, measure_agreement, onnxruntime_version
+
+    names, images = agreement_tiles(payload["members"], calib, tile)
+    res = measure_agreement(payload, fp32_blobs, images)
+    check_agreement(res, min_agreement, names)
+    kept = {e["name"] for e in payload["members"]}
+    return {"method": METHOD, "onnxruntime": onnxruntime_version(), "calib_data": os.path.abspath(calib),
+            "calibration_tiles": {k: v for k, v in calib_used.items() if k in kept},
+            "agreement": res["ensemble"], "member_agreement": res["members"], "agreement_tiles": names,
+            "agreement_setting": "no TTA, bias or post-processing", "min_agreement": min_agreement}
+
+
 def check_upload(src_bytes: bytes, blob: bytes, single_file: bool, budget: int, max_mb: float) -> None:
     """The last check before anything is written: the upload fits ``--max-mb``."""
     total = len(src_bytes) + (0 if single_file else len(blob))
@@ -309,6 +393,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
           single_file: bool = False, device: str = "cpu", window: int = 1024,
           max_members: Optional[int] = None, check_size: Tuple[int, int] = (512, 512),
           tune: Optional[str] = None, tune_data: Optional[str] = None, tune_confidence: float = 0.95,
+          calib_data: Optional[str] = None, int8_min_agreement: float = 99.5, allow_int8: bool = False,
           crf: bool = False, echo=None) -> Dict[str, Any]:
     """Build a bundle; returns the manifest (also written to ``out/manifest.json``).
 
@@ -317,7 +402,11 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     fold, TTA, scales, bias and post-processing are chosen from out-of-fold evidence
     (glacier_submit/tune.py) instead of taken from the arguments; the CRF step
     (``crf=True``, or offered to the tuner when ``tune_data`` is given) refines the merged
-    probabilities with the tile's bands (glacier_runtime/crf.py).
+    probabilities with the tile's bands (glacier_runtime/crf.py). ``precision="int8"``
+    quantises each member's ONNX graph, calibrated on its training tiles in ``calib_data``
+    (default ``tune_data``), and refuses below ``int8_min_agreement`` percent pixel agreement
+    with fp32 (glacier_submit/quantize.py). ``allow_int8`` lets ``time_budget`` switch to int8
+    (when it passes the same check) before any TTA, scale or member is dropped.
     """
     from glacier_submit.render import render_solution
 
@@ -327,8 +416,18 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     tune = None if tune == "none" else tune
     if max_members is not None and max_members < 1:
         raise ValueError(f"--max-members must be at least 1 (got {max_members})")
+    if precision not in ("auto", "fp32", "fp16", "int8"):
+        raise ValueError(f"--precision must be auto, fp32, fp16 or int8, got {precision!r}")
     notes: List[str] = []
+    int8 = precision == "int8"
+    calib = calib_data or tune_data
+    if int8:
+        backend = int8_backend(backend, calib, notes)
+    elif allow_int8:
+        check_allow_int8(precision, backend, time_budget, calib)
     entries = load_members(models, notes)
+    if int8 or allow_int8:
+        check_calibration(entries, calib)
     if weights is not None:
         if len(weights) != len(entries):
             raise ValueError(f"--weights has {len(weights)} values for {len(entries)} members")
@@ -343,6 +442,7 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     backend, parity_report = prepare_backend(entries, backend)
     tile = check_tile(entries[0]["stats"], check_data, check_size)
     pip = ["onnxruntime"] if backend == "onnx" else []
+    calib_used, fp32_blobs = quantize_entries(entries, calib) if int8 else ({}, {})
 
     # size budget: fp16 first, then the strongest members with every fold represented
     budget = int(max_mb * MB)
@@ -352,7 +452,10 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
     kept = {r["name"] for r in table if r["kept"]}
     entries = [e for e in entries if e["name"] in kept]
     payload = make_payload(entries, inference)
-    agree16 = None
+    agree16 = int8_info = None
+    if int8:
+        int8_info = int8_agreement(payload, fp32_blobs, calib_used, calib, tile, int8_min_agreement)
+        fp32_blobs.clear()
     if fp16:
         p16 = cast_payload(payload, torch.float16)
         if backend == "torch":
@@ -379,6 +482,12 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         rules = load_postprocess(postprocess)
         payload["inference"].update(tta=tta, scales=[float(s) for s in scales], postprocess=rules,
                                     crf=validate_crf({"enabled": True}) if st.get("crf") else None)
+
+    if allow_int8 and not int8:  # --time-budget may switch to int8 before dropping anything
+        switched = consider_int8(payload, tile, device, time_budget, calib, int8_min_agreement, parity_report, notes)
+        if switched is not None:
+            payload, int8_info = switched
+            int8, fp16, agree16, backend, pip = True, False, None, "onnx", ["onnxruntime"]
 
     # time budget: TTA/scales in the documented order, then the weakest members
     timing, chosen = fit_time(payload, tile, device, tta, scales, time_budget, table, notes)
@@ -427,7 +536,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         "tuning": tuning.manifest() if tuning is not None else None,
         "normalisation": {e["name"]: e["stats"] for e in entries},
         "class_map": payload["class_map"], "bands": payload["bands"],
-        "runtime": {"backend": backend, "precision": "fp16" if fp16 else "fp32", "fp16_agreement": agree16,
+        "runtime": {"backend": backend, "precision": "int8" if int8 else "fp16" if fp16 else "fp32",
+                    "fp16_agreement": agree16, "int8": int8_info,
                     "onnx_parity": {k: v for k, v in parity_report.items() if k in kept}, "single_file": single_file,
                     "built_with": {"python": _pyplatform.python_version(), "torch": torch.__version__}},
         "budget": {"max_mb": max_mb, "time_budget_s": time_budget},
@@ -469,7 +579,9 @@ def render_manifest(m: Dict[str, Any]) -> str:
         f"bias: {m['bias']['mode']}" + (f" {[round(b, 2) for b in m['bias']['values']]}" if m['bias'].get('values') else "")
         + (f" (OOF MCC {m['bias']['oof_mcc_before']:.4f} -> {m['bias']['oof_mcc_after']:.4f})" if 'oof_mcc_after' in m['bias'] else ""),
         f"backend {r['backend']}, weights {r['precision']}"
-        + (f" (fp16 vs fp32 class agreement {r['fp16_agreement'] * 100:.3f} %)" if r.get("fp16_agreement") is not None else ""),
+        + (f" (fp16 vs fp32 class agreement {r['fp16_agreement'] * 100:.3f} %)" if r.get("fp16_agreement") is not None else "")
+        + (f" (int8 vs fp32 class agreement {r['int8']['agreement'] * 100:.3f} % on {len(r['int8']['agreement_tiles'])} "
+           f"tiles, threshold {r['int8']['min_agreement']:g} %; needs onnxruntime where it runs)" if r.get("int8") else ""),
         f"size {size:.1f} MB of {m['budget']['max_mb']:.0f} MB",
         f"time on {t['device']} ({t['machine']}): load {t['load_s']:.2f} s, {t['tile_s']:.2f} s per "
         f"{t['check_tile'][1]}x{t['check_tile'][2]} tile -> ~{t['estimated_total_s']:.0f} s for {t['test_tiles']} tiles",

@@ -62,7 +62,10 @@ def cli(verbose: bool) -> None:
 @click.option("--crf", is_flag=True, help="Refine the merged probabilities with a convolutional CRF on the tile's bands (glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it helps.")
 @click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members), none, or comma list per class.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb. int8: static int8 ONNX graphs (needs --calib-data; backend onnx, so onnxruntime where the bundle runs; docs/BUNDLE.md).")
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None, help="--precision int8: the training folder the members were trained on; each member is calibrated on its own training tiles (default: --tune-data).")
+@click.option("--allow-int8", is_flag=True, help="Let --time-budget switch to int8 (same calibration and agreement check) when fp32 is too slow, before any TTA, scale or member is dropped.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0.0, 100.0), default=99.5, show_default=True, help="--precision int8: refuse int8 when its class maps equal fp32's on fewer than this percent of pixels.")
 @click.option("--max-mb", default=300.0, show_default=True, type=float, help="Size budget for the uploaded files.")
 @click.option("--time-budget", default=None, type=float, help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> none), then the weakest members.")
 @click.option("--test-tiles", default=100, show_default=True, type=int, help="Number of test tiles for the total time estimate.")
@@ -73,8 +76,9 @@ def cli(verbose: bool) -> None:
 @click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True, help="oof: choose seeds per fold, TTA, scales, CRF, bias and post-processing from the members' out-of-fold predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then ignored.")
 @click.option("--tune-data", type=click.Path(exists=True, file_okay=False), default=None, help="The training folder the members were trained on: lets --tune oof re-predict OOF tiles to judge TTA and scales.")
 @click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
-def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, backend, precision, max_mb, time_budget,
-          test_tiles, check_data, single_file, device, max_members, tune, tune_data, tune_confidence):
+def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, backend, precision, calib_data,
+          allow_int8, int8_min_agreement, max_mb, time_budget, test_tiles, check_data, single_file, device, max_members, tune,
+          tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
     from training.checkpoint import CheckpointError
@@ -85,7 +89,8 @@ def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, back
                      weights=_floats(weights, "--weights"), postprocess=postprocess, backend=backend,
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
                      check_data=check_data, single_file=single_file, device=device, max_members=max_members,
-                     tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, crf=crf, echo=click.echo)
+                     tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, calib_data=calib_data,
+                     int8_min_agreement=int8_min_agreement, allow_int8=allow_int8, crf=crf, echo=click.echo)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))
