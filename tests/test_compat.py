@@ -29,7 +29,7 @@ def test_environment_is_the_platforms():
 @pytest.mark.parametrize("convention", CONVENTIONS)
 def test_bundle_runs_under_py39_torch20(tiny_members, messy_test_data, tmp_path, convention):
     out = str(tmp_path / "bundle")
-    build(tiny_members, out, tta="flips", postprocess="light")
+    build(tiny_members, out, tta="flips", postprocess="light", crf=True)  # CRF under torch 2.0 too
     res = run_bundle(out, messy_test_data, convention, str(tmp_path / "m"), timeout=600, python=PY39)
     assert res.ok, res.tail()
     ref = predict_folder(Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu"),
