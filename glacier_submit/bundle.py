@@ -255,7 +255,7 @@ def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], n
             keys += k
         if probs:
             bias_values, before, after = tune_bias(probs, labels)
-            bias_info = {"mode": "tuned on OOF", "values": bias_values, "oof_tiles": len(keys),
+            bias_info = {"mode": "tuned on OOF (regularised)", "values": bias_values, "oof_tiles": len(keys),
                          "oof_mcc_before": before, "oof_mcc_after": after}
             tuned_on["bias"] = sorted(keys)
         else:

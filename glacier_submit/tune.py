@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from training.bias import BIAS_GRID, fit_bias, logp_pixels  # noqa: F401 - BIAS_GRID re-exported (one rule, one home)
+
 log = logging.getLogger("glacier.tune")
 
 
@@ -89,57 +91,8 @@ def bootstrap_gain(base: np.ndarray, cand: np.ndarray, n_boot: int = 1000, confi
 # the class bias, regularised
 # ---------------------------------------------------------------------------------------
 
-BIAS_GRID = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2))
-
-
-def fit_bias(logp: np.ndarray, y: np.ndarray, grid: Sequence[float] = BIAS_GRID, rounds: int = 2,
-             min_gain: float = 1e-3, keep: float = 0.9) -> List[float]:
-    """Per-class log-probability bias (class 0 fixed at 0), regularised three ways:
-    bounded to ``grid`` (no value beyond its ends), a class moves only when that raises
-    MCC by at least ``min_gain``, and it moves to the value closest to zero that keeps
-    ``keep`` of the best gain (shrinkage towards zero).
-
-    ``logp``: (N, K) log-probabilities; ``y``: (N,) class ids.
-    """
-    k = logp.shape[1]
-
-    def score(b: np.ndarray) -> float:
-        pred = (logp + b).argmax(1)
-        cm = np.bincount(y * k + pred, minlength=k * k).reshape(1, k, k)
-        return float(mcc_batch(cm)[0])
-
-    bias = np.zeros(k, np.float32)
-    grid = sorted(set(float(v) for v in grid) | {0.0}, key=abs)
-    for _ in range(rounds):
-        changed = False
-        for c in range(1, k):
-            cur = score(bias)
-            trials = []
-            for v in grid:
-                b = bias.copy()
-                b[c] = v
-                trials.append((v, score(b)))
-            best = max(m for _, m in trials)
-            if best - cur < min_gain:
-                continue
-            need = cur + keep * (best - cur)
-            v = next(v for v, m in trials if m >= need)  # grid sorted by |v|: closest to 0
-            if v != bias[c]:
-                bias[c] = v
-                changed = True
-        if not changed:
-            break
-    return [float(b) for b in bias]
-
-
 def _logp(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_pixels: int, seed: int = 0):
-    k = probs[0].shape[0]
-    lp = np.concatenate([np.log(np.maximum(p.reshape(k, -1).T.astype(np.float32), 1e-8)) for p in probs])
-    y = np.concatenate([l.reshape(-1) for l in labels]).astype(np.int64)
-    if len(y) > max_pixels:
-        idx = np.random.default_rng(seed).choice(len(y), max_pixels, replace=False)
-        lp, y = lp[idx], y[idx]
-    return lp, y
+    return logp_pixels(probs, labels, max_pixels, seed)
 
 
 def decide_ids(probs: np.ndarray, bias: Optional[Sequence[float]] = None) -> np.ndarray:

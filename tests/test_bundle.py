@@ -260,3 +260,23 @@ def test_ablations_score_the_crf_bundle_as_built(tiny_members, synth_data, tmp_p
     plain = Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu", overrides={"crf": None})
     q = np.concatenate([plain.predict_ids(ds.image(k)).ravel() for k in keys])
     assert rows["without CRF"]["mcc"] == pytest.approx(matthews_corrcoef(y, q), abs=1e-9)
+
+
+def test_default_bias_auto_is_the_regularised_fit():
+    """`build --bias auto` tunes with the same regularised rule as --tune oof: never beyond
+    [-1, 2] (the old search went to its grid's edge, -2, on over-predicted classes), and the
+    value closest to zero that keeps most of the gain."""
+    from training.bias import tune_bias
+
+    rng = np.random.default_rng(3)
+    labels = [rng.choice(4, (60, 60), p=[0.7, 0.2, 0.08, 0.02]) for _ in range(4)]
+    probs = []
+    for lab in labels:  # a model that calls lake everywhere: the best bias for it is very negative
+        p = np.full((4, 60, 60), 0.1, np.float32)
+        for c in range(3):
+            p[c][lab == c] += 0.5
+        p[3] += 0.55
+        probs.append(p / p.sum(0))
+    bias, before, after = tune_bias(probs, labels)
+    assert all(-1.0 <= b <= 2.0 for b in bias), bias
+    assert bias[3] < 0 and after > before + 0.1
