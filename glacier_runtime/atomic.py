@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List
 TEMP_PREFIX = ".tmp-glacier-"
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     """Make the rename itself durable (POSIX); silently skipped where unsupported."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -50,7 +50,7 @@ def atomic_path(path: str) -> Iterator[str]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Dict, List
 
-from glacier_runtime.atomic import TEMP_PREFIX, atomic_write_bytes, remove_stale_temps
+from glacier_runtime.atomic import TEMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_temps
 
 BUNDLE_FILES = ("solution.py", "model.pth", "manifest.json", "submission.zip")
 #: What running a bundle leaves beside it (importing solution.py); replaced with the rest.
@@ -64,19 +64,6 @@ def _exchange(a: str, b: str) -> bool:
         return False
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish_bundle(out: str, files: Dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes, names from BUNDLE_FILES) as the whole content of ``out``."""
     unknown = sorted(set(files) - set(BUNDLE_FILES))
@@ -104,7 +91,7 @@ def publish_bundle(out: str, files: Dict[str, bytes]) -> None:
                 os.rename(old, out)
                 raise
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     finally:
         if os.path.isdir(stage):
             shutil.rmtree(stage, ignore_errors=True)

@@ -270,6 +270,19 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
             return None
         return float(cost(s))
 
+    def attempt(name: str, base_val, cand_val, s: Dict[str, Any],
+                make: Callable[[], Dict[str, np.ndarray]]) -> Optional[Dict[str, np.ndarray]]:
+        """One move from the current setting to ``s``: refused (never computed) over the
+        time budget, else ``make()`` judged against the current probabilities; returns the
+        candidate's probabilities when adopted."""
+        c = over_budget(s)
+        if time_budget is not None and c is not None and c > time_budget:
+            decisions.append(Decision(name, base_val, cand_val, False, cost_s=c,
+                                      reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
+            return None
+        cand = make()
+        return cand if judge(name, base_val, cand_val, cms(current), cms(cand), c) else None
+
     # 1. seeds per fold: one member per fold (the first seed) vs the mean of every seed
     per_fold = {f: sorted(ms) for f, ms in oof.members_of_fold.items()}
 
@@ -290,13 +303,8 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
         every = ensemble_probs(per_fold)
         if all(v is not None for v in every.values()):
             s_all = dict(settings, members={str(f): ms for f, ms in per_fold.items()})
-            c = over_budget(s_all)
-            if time_budget is not None and c is not None and c > time_budget:
-                decisions.append(Decision("seeds per fold", "1", "all", False, cost_s=c,
-                                          reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
-            elif judge("seeds per fold", "1", "all", cms(current), cms(every), c):
-                settings["members"] = s_all["members"]
-                current = every
+            if attempt("seeds per fold", "1", "all", s_all, lambda: every) is not None:
+                settings["members"], current = s_all["members"], every
     else:
         decisions.append(Decision("seeds per fold", "1", "1", False, reason="one member per fold: nothing to choose"))
 
@@ -304,40 +312,24 @@ def tune(oof: OOFSet, n_classes: int, *, predict: Optional[PredictFn] = None, co
     if predict is not None:
         current = predict(keys, "none", [1.0], settings["members"])
         for tta in [t for t in tta_candidates if t != "none"]:
-            s = dict(settings, tta=tta)
-            c = over_budget(s)
-            if time_budget is not None and c is not None and c > time_budget:
-                decisions.append(Decision("tta", settings["tta"], tta, False, cost_s=c,
-                                          reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
-                continue
-            cand = predict(keys, tta, list(settings["scales"]), settings["members"])
-            if judge("tta", settings["tta"], tta, cms(current), cms(cand), c):
-                settings["tta"], current = tta, cand
+            got = attempt("tta", settings["tta"], tta, dict(settings, tta=tta),
+                          lambda: predict(keys, tta, list(settings["scales"]), settings["members"]))
+            if got is not None:
+                settings["tta"], current = tta, got
         for sc in [list(map(float, s)) for s in scale_candidates if list(s) != [1.0]]:
-            s = dict(settings, scales=sc)
-            c = over_budget(s)
-            if time_budget is not None and c is not None and c > time_budget:
-                decisions.append(Decision("scales", settings["scales"], sc, False, cost_s=c,
-                                          reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
-                continue
-            cand = predict(keys, settings["tta"], sc, settings["members"])
-            if judge("scales", settings["scales"], sc, cms(current), cms(cand), c):
-                settings["scales"], current = sc, cand
+            got = attempt("scales", settings["scales"], sc, dict(settings, scales=sc),
+                          lambda: predict(keys, settings["tta"], sc, settings["members"]))
+            if got is not None:
+                settings["scales"], current = sc, got
     else:
         decisions.append(Decision("tta", "none", "none", False,
                                   reason="no training tiles to re-predict (give --tune-data): TTA and scales not tuned"))
 
     # 3b. CRF refinement of the merged probabilities (fixed parameters: nothing is fitted)
     if refine is not None:
-        s = dict(settings, crf=True)
-        c = over_budget(s)
-        if time_budget is not None and c is not None and c > time_budget:
-            decisions.append(Decision("crf", False, True, False, cost_s=c,
-                                      reason=f"{c:.2f} s/tile over the {time_budget:.2f} s budget"))
-        else:
-            cand = refine(current)
-            if judge("crf", False, True, cms(current), cms(cand), c):
-                settings["crf"], current = True, cand
+        got = attempt("crf", False, True, dict(settings, crf=True), lambda: refine(current))
+        if got is not None:
+            settings["crf"], current = True, got
     else:
         decisions.append(Decision("crf", False, False, False,
                                   reason="no training tiles for the appearance term (give --tune-data): CRF not tried"))

@@ -9,20 +9,13 @@ import time
 
 import pytest
 
+from tests.test_cv import _env
 from training.launch import Worker, describe_rc, run_workers, split_cpus, visible_devices, worker_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "train.epochs=2", "--set", "train.patches_per_epoch=8", "--set", "train.batch_size=4",
         "--set", "train.patch_size=64", "--set", "model.decoder_channels=[16,16,16,8,8]",
         "--set", "train.warmup_epochs=0", "--no-progress"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _cmd(data, folds, out, *extra):
