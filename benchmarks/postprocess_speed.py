@@ -177,14 +177,40 @@ def components(mask: np.ndarray) -> int:
     return int(sum(cv2.connectedComponents((mask == k).astype(np.uint8), connectivity=8)[0] - 1 for k in range(4)))
 
 
+def _time(apply, mask, rules, repeats):
+    """Median wall and CPU seconds of ``apply(mask, rules)`` after one warm-up call."""
+    apply(mask, rules)
+    ts, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        apply(mask, rules)
+        ts.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return float(np.median(ts)), float(np.median(cpu))
+
+
+def _load(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("postprocess_other", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--presets", nargs="+", default=["light", "competition"])
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of the new code (median)")
     ap.add_argument("--cap", type=float, default=15.0, help="seconds before the baseline is cut and extrapolated")
+    ap.add_argument("--compare-with", default=None, metavar="FILE",
+                    help="another postprocess.py (e.g. `git show REV:glacier_runtime/postprocess.py > old.py`) "
+                         "timed in the same run on the same masks, and checked equal")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    other = _load(args.compare_with) if args.compare_with else None
+    default_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core for both implementations: CPU time == work
     root = os.path.join(os.path.dirname(__file__), "..", "glacier_submit", "presets")
     rows = []
@@ -203,6 +229,15 @@ def main() -> None:
                     ts.append(time.perf_counter() - t)
                     cpu.append(time.process_time() - c)
                 new_s, new_cpu = float(np.median(ts)), float(np.median(cpu))
+                extra = {}
+                if other is not None:
+                    o_s, o_cpu = _time(other.apply, mask, rules, args.repeats)
+                    extra.update(other_s=round(o_s, 4), other_cpu_s=round(o_cpu, 4),
+                                 other_equal=bool(np.array_equal(other.apply(mask, rules), new_out)))
+                cv2.setNumThreads(default_threads)  # what the runtime gets: OpenCV's own thread pool
+                extra["new_default_threads_s"] = round(_time(postprocess.apply, mask, rules, args.repeats)[0], 4)
+                extra["opencv_default_threads"] = default_threads
+                cv2.setNumThreads(1)
                 budget = _Budget(args.cap)
                 t = time.perf_counter()
                 try:
@@ -214,10 +249,10 @@ def main() -> None:
                     old_s, how, equal = spent * total / max(budget.done, 1), f"extrapolated ({budget.done}/{total} components in {spent:.1f} s)", None
                 row = {"size": size, "mask": kind, "components": ncomp, "preset": preset,
                        "new_s": round(new_s, 4), "new_cpu_s": round(new_cpu, 4), "old_s": round(old_s, 2), "old": how,
-                       "speedup": round(old_s / new_s, 1), "equal": equal}
+                       "speedup": round(old_s / new_s, 1), "equal": equal, **extra}
                 rows.append(row)
                 print(f"{size:5d} {kind:<21} {preset:<12} comps {ncomp:8d}  new {new_s:7.3f} s (cpu {new_cpu:6.3f} s)  old {old_s:9.2f} s "
-                      f"({how})  x{old_s / new_s:,.0f}  equal={equal}", flush=True)
+                      f"({how})  x{old_s / new_s:,.0f}  equal={equal}  {extra}", flush=True)
     out = {"benchmark": "postprocess_speed", "rows": rows,
            "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), numpy {np.__version__}, cv2 {cv2.__version__}",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

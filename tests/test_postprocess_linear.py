@@ -128,3 +128,60 @@ def test_presets_random_match_reference_chain(preset):
         elif r["rule"] == "fill_holes":
             ref = ref_fill_holes(ref, r["class"], r.get("max_area"))
     assert np.array_equal(postprocess.apply(m, rules), ref)
+
+
+def blobs(seed, shape, sigma=3.0, cuts=(0.45, 0.5, 0.55)):
+    """Smooth class regions (a realistic prediction): few components, lakes of every width."""
+    z = ndi.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    return np.digitize(z, np.quantile(z, cuts)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lake_shape_blobs_every_width(seed):
+    # widths up to 14 take the disc erosion, wider ones the distance transform: both exact
+    m = blobs(seed, (120, 111), sigma=4.0, cuts=(0.3, 0.5, 0.6))
+    for min_width in (2.0, 3.0, 5.0, 6.5, 9.0, 13.9, 14.0, 15.0, 16.0, 21.0):
+        got = postprocess.lake_shape(m, 3, 0, min_width)
+        assert np.array_equal(got, ref_lake_shape(m, 3, 0, min_width)), min_width
+    assert not np.array_equal(postprocess.lake_shape(m, 3, 0, 9.0), m)  # the rule did something
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_remove_small_blobs(seed):
+    m = blobs(seed, (97, 130), sigma=1.5)
+    for cls, area in ((1, 30), (2, 30), (3, 12), (0, 8)):
+        assert np.array_equal(postprocess.remove_small(m, cls, area), ref_remove_small(m, cls, area)), (cls, area)
+
+
+def naive_ring_counts(mask, chosen, n, k):
+    """Per pixel outside the chosen components, the set of distinct chosen neighbour labels."""
+    h, w = mask.shape
+    counts = np.zeros((n, k), np.int64)
+    for y in range(h):
+        for x in range(w):
+            if chosen[y, x]:
+                continue
+            seen = {int(chosen[y + dy, x + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                    if 0 <= y + dy < h and 0 <= x + dx < w} - {0}
+            for lab in seen:
+                counts[lab, mask[y, x]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("read_below", [0, 10 ** 9])  # always read the neighbours / always the moment test
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # float64: labels beyond float32's exact range
+def test_ring_counts_every_path_against_a_naive_loop(monkeypatch, read_below, dtype):
+    monkeypatch.setattr(postprocess, "_NEIGHBOUR_READ_BELOW", read_below)
+    m = worst_case(5, (41, 37), p=(0.3, 0.3, 0.2, 0.2))
+    # a pixel with four different lake specks around it, one with three, one with the same
+    # speck on two sides (a U around it)
+    m[1:4, 1:4] = [[3, 0, 3], [0, 0, 0], [3, 0, 3]]
+    m[1:4, 6:9] = [[3, 0, 3], [0, 1, 0], [0, 3, 0]]
+    m[10:13, 10:13] = [[3, 3, 3], [0, 2, 3], [0, 0, 3]]
+    for cls, area in ((3, 12), (1, 5), (0, 3)):
+        n, lab, stats, _ = __import__("cv2").connectedComponentsWithStats((m == cls).astype(np.uint8), connectivity=8)
+        sel = stats[:, 4] < area
+        sel[0] = False
+        chosen = np.where(sel[lab], lab, 0)
+        got = postprocess._ring_counts(m, chosen.astype(dtype), n, 4)
+        assert np.array_equal(got, naive_ring_counts(m, chosen, n, 4)), cls
