@@ -235,14 +235,25 @@ def fit_time(payload: Dict[str, Any], tile: np.ndarray, device: str, tta: Any, s
     return timing, chosen
 
 
-def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], notes: List[str]):
-    """Bias: given, none, or tuned on the out-of-fold predictions beside the members."""
+def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], notes: List[str],
+                   crf: bool = False):
+    """Bias: given, none, or tuned on the out-of-fold predictions beside the members.
+
+    With the CRF on, ``auto`` leaves the bias at 0: the saved OOF probabilities are the
+    CRF's input, while the runtime adds the bias to its output (sharper), so a bias fitted
+    on them would act on different numbers. ``--tune oof`` fits it after the CRF.
+    """
     bias_info: Dict[str, Any] = {"mode": "none"}
     bias_values = None
     tuned_on: Dict[str, List[str]] = {}  # setting -> tile ids it was tuned on (evaluate's leakage guard)
     if isinstance(bias, (list, tuple)):
         bias_values = [float(b) for b in bias]
         bias_info = {"mode": "given", "values": bias_values}
+    elif bias == "auto" and crf:
+        bias_info = {"mode": "none (--bias auto is not fitted under --crf)"}
+        notes.append("--bias auto left the bias at 0: it would be fitted on the out-of-fold probabilities "
+                     "before the CRF, but applied after it; use --tune oof --tune-data DIR (fits the bias "
+                     "after the CRF) or give --bias values")
     elif bias == "auto":
         from training.bias import load_oof, tune_bias
 
@@ -510,7 +521,8 @@ def build(models: Sequence[str], out: str, tta: Any = "none", scales: Sequence[f
         if bias_values:
             tuned_on["bias"] = list(tuning.tiles)
     else:
-        bias_values, bias_info, tuned_on = tune_bias_auto(bias, entries, [e["name"] for e in entries], notes)
+        bias_values, bias_info, tuned_on = tune_bias_auto(bias, entries, [e["name"] for e in entries], notes,
+                                                          crf=bool(payload["inference"].get("crf")))
     payload["inference"]["bias"] = bias_values
     blob = serialise(payload)
     source = render_solution(__version__, pip, embedded=blob if single_file else None)

@@ -60,7 +60,7 @@ def cli(verbose: bool) -> None:
 @click.option("--weights", default=None, help="Comma list of member weights (implies --merge weighted).")
 @click.option("--postprocess", default="none", show_default=True, help="Preset shipped in glacier_submit/presets (none, light, competition) or a YAML path.")
 @click.option("--crf", is_flag=True, help="Refine the merged probabilities with a convolutional CRF on the tile's bands (glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it helps.")
-@click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members), none, or comma list per class.")
+@click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members; left at 0 under --crf, whose output it would shift), none, or comma list per class.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb. int8: static int8 ONNX graphs (needs --calib-data; backend onnx, so onnxruntime where the bundle runs; docs/BUNDLE.md).")
 @click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None, help="--precision int8: the training folder the members were trained on; each member is calibrated on its own training tiles (default: --tune-data).")

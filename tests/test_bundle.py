@@ -280,3 +280,37 @@ def test_default_bias_auto_is_the_regularised_fit():
     bias, before, after = tune_bias(probs, labels)
     assert all(-1.0 <= b <= 2.0 for b in bias), bias
     assert bias[3] < 0 and after > before + 0.1
+
+
+def test_bias_auto_is_not_fitted_under_crf(tiny_members, tmp_path):
+    """The saved OOF probabilities are the CRF's input; the runtime adds the bias to its
+    output. --bias auto fits (and records) a bias without --crf, and leaves it at 0 with a
+    note under --crf, on the same members and OOF files."""
+    import shutil
+
+    wdir = tmp_path / "w"
+    (wdir / "oof" / "labels").mkdir(parents=True)
+    models = []
+    rng = np.random.default_rng(0)
+    for i, src in enumerate(tiny_members[:2]):
+        dst = wdir / os.path.basename(src)
+        shutil.copy(src, dst)
+        models.append(str(dst))
+        name = os.path.basename(src)[:-3]
+        (wdir / "oof" / name).mkdir()
+        for t in range(2):
+            lab = rng.choice(4, (40, 40), p=[0.8, 0.15, 0.04, 0.01])
+            p = np.full((4, 40, 40), 0.05, np.float32)
+            p[0] += 0.5
+            for c in (1, 2, 3):  # under-predicts the rare classes: auto fits a positive bias
+                p[c][lab == c] += 0.42
+            np.save(wdir / "oof" / name / f"t{i}{t}.npy", p / p.sum(0))
+            np.save(wdir / "oof" / "labels" / f"t{i}{t}.npy", lab)
+    plain = build(models, str(tmp_path / "plain"), check_size=(64, 64))
+    assert plain["bias"]["mode"].startswith("tuned on OOF") and any(b != 0 for b in plain["bias"]["values"])
+    crf = build(models, str(tmp_path / "crf"), crf=True, check_size=(64, 64))
+    assert "values" not in crf["bias"] and "not fitted under --crf" in crf["bias"]["mode"]
+    assert any("--bias auto left the bias at 0" in n for n in crf["notes"])
+    assert "bias" not in crf.get("tuned_on_tiles", {})
+    given = build(models, str(tmp_path / "given"), crf=True, bias=[0.0, 0.1, 0.0, 0.2], check_size=(64, 64))
+    assert given["bias"]["values"] == [0.0, 0.1, 0.0, 0.2]
