@@ -1,11 +1,15 @@
 """Post-processing speed: today's linear rules vs the previous per-component loop, in one run.
 
 Masks: a worst-case random mask (every pixel an independent class draw: a component per
-few pixels) and a realistic prediction (a per-pixel nearest-centroid classifier on a
-synthetic scene: speckled like a real per-pixel prediction, with large glacier bodies),
-each at 512x512 and 2048x2048, for the ``light`` and ``competition`` presets, on one
-thread (wall time and CPU time: CPU time is robust to other jobs on a shared machine). Both
-implementations must return the same mask wherever the baseline finishes.
+few pixels), a realistic prediction (a per-pixel nearest-centroid classifier on a
+synthetic scene: speckled like a real per-pixel prediction, with large glacier bodies)
+and, with ``--member``, a trained member's own prediction of a synthetic scene, each at
+512x512 and 2048x2048, for the ``light`` and ``competition`` presets, on one OpenCV thread
+(wall time and CPU time: CPU time is robust to other jobs on a shared machine), plus the
+new code's wall time with OpenCV's default thread pool (what the runtime gets). Both
+implementations must return the same mask wherever the baseline finishes;
+``--compare-with FILE`` times a third implementation (e.g. an earlier commit's) in the
+same run and checks it equal.
 
 The baseline (BASELINE_* below) is a verbatim copy of the pre-issue-15 implementation,
 kept here only to be measured; it scans the whole tile once per component, so it is run
@@ -173,6 +177,23 @@ def realistic(size: int, seed: int = 0) -> np.ndarray:
     return d.argmin(1).astype(np.uint8).reshape(size, size)
 
 
+def member_prediction(path: str):
+    """A trained member's class-id prediction (no TTA, post-processing off) of a synthetic
+    scene of the requested size: the masks post-processing meets after a real model."""
+    from glacier_runtime.predictor import Predictor
+    from glacier_submit.members import load_members, make_payload
+    from training.data.synth import generate_scene
+
+    payload = make_payload(load_members([path]), {"tta": "none", "scales": [1.0], "postprocess": []})
+    pred = Predictor.from_payload(payload, device="cpu")
+
+    def make(size: int, seed: int = 0) -> np.ndarray:
+        bands, _ = generate_scene(1, 1, (size, size), seed + 7)
+        return pred.predict_ids(bands).astype(np.uint8)
+
+    return make
+
+
 def components(mask: np.ndarray) -> int:
     return int(sum(cv2.connectedComponents((mask == k).astype(np.uint8), connectivity=8)[0] - 1 for k in range(4)))
 
@@ -207,6 +228,9 @@ def main() -> None:
     ap.add_argument("--compare-with", default=None, metavar="FILE",
                     help="another postprocess.py (e.g. `git show REV:glacier_runtime/postprocess.py > old.py`) "
                          "timed in the same run on the same masks, and checked equal")
+    ap.add_argument("--member", default=None, metavar="PT",
+                    help="a trained member (e.g. demo/weights/fold0_seed0.pt): adds its predictions of "
+                         "synthetic scenes at each size as a third kind of mask")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     other = _load(args.compare_with) if args.compare_with else None
@@ -215,7 +239,10 @@ def main() -> None:
     root = os.path.join(os.path.dirname(__file__), "..", "glacier_submit", "presets")
     rows = []
     for size in args.sizes:
-        for kind, make in (("worst-case random", worst_case), ("realistic prediction", realistic)):
+        kinds = [("worst-case random", worst_case), ("realistic prediction", realistic)]
+        if args.member:
+            kinds.append(("member prediction", member_prediction(args.member)))
+        for kind, make in kinds:
             mask = make(size)
             ncomp = components(mask)
             for preset in args.presets:
