@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--default-args", default="--tta flips --postprocess light",
                     help="the untuned bundle's settings (the demo's hand-picked defaults)")
     ap.add_argument("--time-budget", type=float, default=None)
+    ap.add_argument("--tuned-bundle", default=None, metavar="DIR",
+                    help="a bundle already built with --tune oof from the same members (e.g. the demo's "
+                         "submission folder): evaluated instead of tuning again")
     a = ap.parse_args()
     models = sorted(glob.glob(os.path.join(a.weights, "*.pt")))
     rows = {}
@@ -57,8 +60,15 @@ def main() -> None:
                     + (["--time-budget", str(a.time_budget)] if a.time_budget else [])}
         for name, extra in variants.items():
             b = os.path.join(tmp, name.split()[0])
-            out, build_s = _run([os.path.join(BIN, "glacier-submit"), "build", "--models", *models, "--out", b,
-                                 "--test-tiles", "9", *extra])
+            if name.startswith("tuned") and a.tuned_bundle:
+                b, out, build_s = a.tuned_bundle, f"(built earlier: {a.tuned_bundle})", 0.0
+                with open(os.path.join(b, "manifest.json")) as fh:
+                    names = sorted(m["name"] for m in json.load(fh)["members"])
+                if not set(names) <= {os.path.basename(m)[:-3] for m in models}:
+                    raise SystemExit(f"--tuned-bundle {b} holds members {names} that are not in {a.weights}")
+            else:
+                out, build_s = _run([os.path.join(BIN, "glacier-submit"), "build", "--models", *models, "--out", b,
+                                     "--test-tiles", "9", *extra])
             rep = os.path.join(tmp, name.split()[0] + "_report")
             _run([os.path.join(BIN, "glacier-submit"), "evaluate", "--bundle", b, "--data", a.unseen, "--out", rep])
             with open(os.path.join(rep, "report.json")) as fh:
