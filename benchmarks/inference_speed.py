@@ -170,7 +170,7 @@ def command_ratio(n_members: int, size: int, repeats: int) -> dict:
     work = tempfile.mkdtemp(prefix="cmdbench-")
     paths = [make_member(os.path.join(work, f"fold{i}_seed0.pt"), seed=i, fold=i) for i in range(n_members)]
     for p in paths:  # quickstart's decoder (make_member writes a tinier one)
-        ck = load_checkpoint(p, full=True)
+        ck = load_checkpoint(p)
         spec = dict(ck["spec"], decoder_channels=[64, 32, 24, 16, 16])
         torch.manual_seed(0)
         ck["spec"], ck["state_dict"] = spec, build_model(spec).state_dict()

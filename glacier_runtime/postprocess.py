@@ -31,12 +31,13 @@ _K8 = np.ones((3, 3), np.uint8)
 _OFFSETS8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 # below one two-label ring pixel per this many pixels, reading each one's eight neighbours is
 # cheaper than the moment test's three full-tile box filters (measured at 2048x2048)
-_NEIGHBOUR_READ_BELOW = 8
+_NEIGHBOUR_READ_BELOW = 24
 
 
 def _components(binary: np.ndarray, connectivity: int = 8):
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=connectivity)
-    return n, lab, stats[:, cv2.CC_STAT_AREA]
+    """(labels, statistics) of OpenCV's connected components with statistics."""
+    _, lab, stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=connectivity)
+    return lab, stats
 
 
 def _ring_counts(mask: np.ndarray, f: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -93,39 +94,56 @@ def _ring_counts(mask: np.ndarray, f: np.ndarray, n: int, k: int) -> np.ndarray:
     return counts.reshape(n, k)
 
 
-def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, n: int, selected: np.ndarray,
-                         cls: int, n_classes: int) -> np.ndarray:
-    """Relabel every selected component of ``cls`` at once: each takes the most common class
-    on its 8-connected outer ring (ties: lowest id; no ring: 0). Linear in the pixels.
+def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, stats: np.ndarray, selected: np.ndarray,
+                         n_classes: int) -> np.ndarray:
+    """Relabel every selected component at once: each takes the most common class on its
+    8-connected outer ring (ties: lowest id; no ring: 0). Linear in the pixels.
 
-    ``lab``/``n`` label the 8-connected components of ``mask == cls``; ``selected`` is a
-    boolean per label. Ring pixels are never ``cls`` (they would belong to the component),
-    so the components are independent and one vectorised pass equals relabelling them one
-    after another.
+    ``lab``/``stats`` are OpenCV's labels and statistics of the 8-connected components of
+    ``mask == cls``; ``selected`` is a boolean per label. Ring pixels are never ``cls``
+    (they would belong to the component), so the components are independent and one
+    vectorised pass equals relabelling them one after another. Single-pixel components
+    (most of them in a noisy mask) are read from their eight neighbours at the position
+    OpenCV reports; only the larger ones need the tile-wide ring count.
     """
+    n = len(stats)
     selected = np.asarray(selected, bool).copy()
     selected[0] = False
     if not selected.any():
         return mask.copy()
     k = max(int(n_classes), int(mask.max()) + 1)
-    ftype = np.float32 if n < 2 ** 24 else np.float64
-    f = np.take(np.where(selected, np.arange(n, dtype=ftype), 0), lab)
-    new = _ring_counts(mask, f, n, k).argmax(axis=1).astype(mask.dtype)  # all-zero row -> 0, ties -> lowest id
-    return np.where(f > 0, np.take(new, lab), mask)
+    ones = selected & (stats[:, cv2.CC_STAT_AREA] == 1)
+    rest = selected & ~ones
+    out = mask.copy()
+    if ones.any():
+        h, w = mask.shape
+        ys, xs = stats[ones, cv2.CC_STAT_TOP], stats[ones, cv2.CC_STAT_LEFT]
+        src = mask if k < 256 else mask.astype(np.int32)
+        padded = np.pad(src, 1, constant_values=k).ravel()  # k: outside the tile, never counted
+        at = (ys + 1) * (w + 2) + xs + 1
+        nb = np.stack([padded[at + dy * (w + 2) + dx] for dy, dx in _OFFSETS8], 1).astype(np.intp)
+        nb += (np.arange(len(at)) * (k + 1))[:, None]  # one row of k + 1 bins per pixel
+        counts = np.bincount(nb.ravel(), minlength=len(at) * (k + 1)).reshape(len(at), k + 1)[:, :k]
+        out[ys, xs] = counts.argmax(axis=1)  # no neighbour -> 0, ties -> lowest id
+    if rest.any():
+        ftype = np.float32 if n < 2 ** 24 else np.float64
+        f = np.take(np.where(rest, np.arange(n, dtype=ftype), 0), lab)
+        new = _ring_counts(mask, f, n, k).argmax(axis=1).astype(mask.dtype)  # all-zero row -> 0, ties -> lowest id
+        out = np.where(f > 0, np.take(new, lab), out)
+    return out
 
 
 def remove_small(mask: np.ndarray, cls: int, min_area: int, n_classes: int = 4) -> np.ndarray:
     """Components of ``cls`` under ``min_area`` pixels take their ring's majority class."""
-    n, lab, area = _components(mask == cls, 8)
-    if n <= 1:
-        return mask.copy()
-    return _relabel_by_boundary(mask, lab, n, area < min_area, cls, n_classes)
+    lab, stats = _components(mask == cls, 8)
+    return _relabel_by_boundary(mask, lab, stats, stats[:, cv2.CC_STAT_AREA] < min_area, n_classes)
 
 
 def fill_holes(mask: np.ndarray, cls: int, max_area: Optional[int] = None) -> np.ndarray:
     """Holes of ``cls`` (4-connected, not touching the border, up to ``max_area``) become ``cls``."""
     out = mask.copy()
-    n, lab, area = _components(mask != cls, 4)
+    lab, stats = _components(mask != cls, 4)
+    n, area = len(stats), stats[:, cv2.CC_STAT_AREA]
     if n <= 1:
         return out
     fill = np.ones(n, bool)
@@ -143,14 +161,15 @@ def lake_shape(mask: np.ndarray, cls: int = 3, min_area: int = 0, min_width: flo
     """Lake components that are small or thin (2 x largest inscribed distance < ``min_width``)
     take their ring's majority class."""
     binary = mask == cls
-    n, lab, area = _components(binary, 8)
+    lab, stats = _components(binary, 8)
+    n = len(stats)
     if n <= 1:
         return mask.copy()
-    drop = area < min_area
+    drop = stats[:, cv2.CC_STAT_AREA] < min_area
     if min_width:
         # thin <=> no pixel reaches half the width (2 * max inscribed distance < min_width)
         drop |= np.bincount(lab[_wide(binary, float(min_width))], minlength=n) == 0
-    return _relabel_by_boundary(mask, lab, n, drop, cls, n_classes)
+    return _relabel_by_boundary(mask, lab, stats, drop, n_classes)
 
 
 def _wide(binary: np.ndarray, min_width: float) -> np.ndarray:
@@ -173,7 +192,8 @@ def _wide(binary: np.ndarray, min_width: float) -> np.ndarray:
 def debris_needs_glacier(mask: np.ndarray, debris: int = 2, glacier: int = 1, to: int = 0) -> np.ndarray:
     """Debris components touching no glacier pixel (8-connected) become ``to``."""
     out = mask.copy()
-    n, lab, _ = _components(mask == debris, 8)
+    lab, stats = _components(mask == debris, 8)
+    n = len(stats)
     if n <= 1:
         return out
     near = cv2.dilate((mask == glacier).astype(np.uint8), _K8).astype(bool)

@@ -1,0 +1,39 @@
+"""The benchmark scripts still run against today's code (they import internals, which drift):
+each is run as a user runs it, at a toy size, and its result file is checked."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+    out = str(tmp_path / "result.json")
+    proc = subprocess.run([sys.executable, *args, "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def test_postprocess_speed_script(tmp_path):
+    # --compare-with the runtime's own file: a second implementation timed and checked equal
+    r = _run(["benchmarks/postprocess_speed.py", "--sizes", "24", "--repeats", "1", "--cap", "2",
+              "--compare-with", "glacier_runtime/postprocess.py"], tmp_path)
+    rows = r["rows"]
+    assert {(x["mask"], x["preset"]) for x in rows} == {(m, p) for m in ("worst-case random", "realistic prediction")
+                                                         for p in ("light", "competition")}
+    assert all(x["other_equal"] is True for x in rows)
+    assert all(x["equal"] in (True, None) for x in rows) and any(x["equal"] is True for x in rows)
+
+
+@pytest.mark.slow
+def test_inference_command_benchmark(tmp_path):
+    r = _run(["benchmarks/inference_speed.py", "--command-only", "--command-members", "1", "--size", "64",
+              "--repeats", "1"], tmp_path)
+    c = r["command"]
+    assert c["members"] == 1 and len(c["command_per_tile_s"]) == 1 and c["ratio_median"] > 0
