@@ -61,7 +61,7 @@ def main() -> None:
         for name, extra in variants.items():
             b = os.path.join(tmp, name.split()[0])
             if name.startswith("tuned") and a.tuned_bundle:
-                b, out, build_s = a.tuned_bundle, f"(built earlier: {a.tuned_bundle})", 0.0
+                b, out, build_s = a.tuned_bundle, f"(built earlier: {a.tuned_bundle})", None
                 with open(os.path.join(b, "manifest.json")) as fh:
                     names = sorted(m["name"] for m in json.load(fh)["members"])
                 if not set(names) <= {os.path.basename(m)[:-3] for m in models}:
@@ -76,7 +76,7 @@ def main() -> None:
             with open(os.path.join(b, "manifest.json")) as fh:
                 man = json.load(fh)
             rows[name] = {"mcc": r["mcc"], "per_class": r["per_class"], "seconds_per_tile": r.get("seconds_per_tile"),
-                          "build_seconds": round(build_s, 1), "tta": man["tta"], "scales": man["scales"],
+                          "build_seconds": None if build_s is None else round(build_s, 1), "tta": man["tta"], "scales": man["scales"],
                           "postprocess": man.get("postprocess_preset"), "bias": man["bias"], "crf": man.get("crf"),
                           "tuning": man.get("tuning"), "build_output": out[-4000:]}
     base = rows["default"]["mcc"]

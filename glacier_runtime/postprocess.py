@@ -117,8 +117,10 @@ def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, stats: np.ndarray, s
     out = mask.copy()
     if ones.any():
         h, w = mask.shape
-        ys, xs = stats[ones, cv2.CC_STAT_TOP], stats[ones, cv2.CC_STAT_LEFT]
-        src = mask if k < 256 else mask.astype(np.int32)
+        ys = stats[ones, cv2.CC_STAT_TOP].astype(np.intp)
+        xs = stats[ones, cv2.CC_STAT_LEFT].astype(np.intp)
+        fits = mask.dtype.kind == "u" and np.iinfo(mask.dtype).max >= k
+        src = mask if fits else mask.astype(np.int32)
         padded = np.pad(src, 1, constant_values=k).ravel()  # k: outside the tile, never counted
         at = (ys + 1) * (w + 2) + xs + 1
         nb = np.stack([padded[at + dy * (w + 2) + dx] for dy, dx in _OFFSETS8], 1).astype(np.intp)
@@ -160,6 +162,8 @@ def lake_shape(mask: np.ndarray, cls: int = 3, min_area: int = 0, min_width: flo
                n_classes: int = 4) -> np.ndarray:
     """Lake components that are small or thin (2 x largest inscribed distance < ``min_width``)
     take their ring's majority class."""
+    if not np.isfinite(min_width) or min_width < 0:
+        raise ValueError(f"lake_shape min_width must be a finite number >= 0, got {min_width}")
     binary = mask == cls
     lab, stats = _components(binary, 8)
     n = len(stats)
@@ -176,7 +180,7 @@ def _wide(binary: np.ndarray, min_width: float) -> np.ndarray:
     """Pixels whose Euclidean distance to the nearest non-class pixel (the tile's outside
     counts as non-class) is at least ``min_width / 2``.
 
-    For widths up to 15 px this is an erosion by the disc of offsets closer than half the
+    For widths up to 14 px this is an erosion by the disc of offsets closer than half the
     width (exact integer comparison 4 * (dy^2 + dx^2) < width^2, and ~50x cheaper than a
     distance transform); wider, the exact distance transform.
     """
@@ -222,6 +226,10 @@ def validate_rules(rules: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
             raise ValueError(f"post-processing rule #{i} ({r['rule']}) needs a 'class' id")
         if r["rule"] == "min_area" and int(r.get("min_area", -1)) < 0:
             raise ValueError(f"post-processing rule #{i} (min_area) needs min_area >= 0")
+        if r["rule"] == "lake_shape":
+            width = float(r.get("min_width", 0.0))
+            if not np.isfinite(width) or width < 0:
+                raise ValueError(f"post-processing rule #{i} (lake_shape) needs a finite min_width >= 0, got {width}")
         out.append(dict(r))
     return out
 
@@ -229,6 +237,8 @@ def validate_rules(rules: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
 def apply(mask: np.ndarray, rules: Sequence[Mapping[str, Any]], n_classes: int = 4) -> np.ndarray:
     """Apply enabled rules in order; a rule with ``enabled: false`` is skipped."""
     out = np.ascontiguousarray(mask, dtype=np.uint8)
+    if out.size == 0:  # OpenCV's labelling does not take an empty image
+        return out
     for r in rules or []:
         if r.get("enabled", True):
             out = RULES[r["rule"]](out, r, n_classes)

@@ -185,3 +185,41 @@ def test_ring_counts_every_path_against_a_naive_loop(monkeypatch, read_below, dt
         chosen = np.where(sel[lab], lab, 0)
         got = postprocess._ring_counts(m, chosen.astype(dtype), n, 4)
         assert np.array_equal(got, naive_ring_counts(m, chosen, n, 4)), cls
+
+
+@pytest.mark.parametrize("read_below", [0, 10 ** 9])
+def test_three_consecutive_labels_around_one_pixel(monkeypatch, read_below):
+    # labels 1, 2, 3 (raster order) all touch pixel (2, 2): the moment sum is exactly 1 there
+    monkeypatch.setattr(postprocess, "_NEIGHBOUR_READ_BELOW", read_below)
+    m = np.array([[0, 0, 1, 1, 1],
+                  [0, 3, 2, 3, 1],
+                  [0, 0, 2, 1, 1],
+                  [0, 1, 3, 1, 1],
+                  [0, 0, 1, 1, 1]], np.uint8)
+    n, lab, stats, _ = __import__("cv2").connectedComponentsWithStats((m == 3).astype(np.uint8), connectivity=8)
+    assert n == 4 and {lab[1, 1], lab[1, 3], lab[3, 2]} == {1, 2, 3}
+    chosen = lab.copy()
+    chosen[stats[lab, 4] < 1] = 0
+    got = postprocess._ring_counts(m, chosen.astype(np.float32), n, 4)
+    assert np.array_equal(got, naive_ring_counts(m, chosen, n, 4))
+
+
+def test_class_values_beyond_n_classes_and_other_layouts():
+    # a stray 255 (k = 256), transposed / reversed views, signed and wide dtypes: all as the reference
+    m = worst_case(9, (37, 41))
+    m[::7, ::5] = 255
+    for view in (m, m.T, m[::-1, ::-1]):
+        want = ref_remove_small(view, 2, 6)
+        for dtype in (np.uint8, np.int16, np.int32, np.int64, np.int8):
+            v = view.astype(dtype) if dtype != np.int8 else np.where(view == 255, 127, view).astype(np.int8)
+            ref = want if dtype != np.int8 else ref_remove_small(np.where(view == 255, 127, view).astype(np.uint8), 2, 6)
+            assert np.array_equal(postprocess.remove_small(v, 2, 6).astype(np.int64), ref.astype(np.int64)), dtype
+
+
+def test_empty_and_bad_widths():
+    assert postprocess.apply(np.zeros((0, 5), np.uint8), [{"rule": "min_area", "class": 1, "min_area": 3}]).shape == (0, 5)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="min_width"):
+            postprocess.validate_rules([{"rule": "lake_shape", "class": 3, "min_width": bad}])
+        with pytest.raises(ValueError, match="min_width"):
+            postprocess.lake_shape(np.zeros((4, 4), np.uint8), 3, 0, bad)
