@@ -45,3 +45,36 @@ def test_fp16_bundle_loads_under_torch20(tiny_members, messy_test_data, tmp_path
     res = run_bundle(out, messy_test_data, "import-call", timeout=600, python=PY39)
     assert res.ok, res.tail()
     assert len(res.masks) == 8
+
+
+def test_postprocessing_equal_under_py39_numpy1_opencv4(tmp_path):
+    """Every rule, on noisy and smooth masks of odd sizes, gives the same mask under the
+    platform's numpy 1.x / OpenCV 4 as here (OpenCV border and float64 box-sum behaviour)."""
+    from glacier_runtime import postprocess as pp
+    from tests.test_postprocess_linear import blobs, worst_case
+
+    rules = [{"rule": "min_area", "class": 3, "min_area": 12},
+             {"rule": "lake_shape", "class": 3, "min_area": 12, "min_width": 3},
+             {"rule": "min_area", "class": 2, "min_area": 30},
+             {"rule": "debris_needs_glacier", "class": 2, "glacier": 1, "to": 0},
+             {"rule": "min_area", "class": 1, "min_area": 30},
+             {"rule": "fill_holes", "class": 1, "max_area": 40},
+             {"rule": "lake_shape", "class": 3, "min_width": 20}]
+    cases = {}
+    for i, shape in enumerate([(1, 1), (1, 57), (3, 2), (61, 47), (130, 97), (257, 255)]):
+        cases[f"in_{2 * i}"] = worst_case(i, shape)
+        if min(shape) > 8:
+            cases[f"in_{2 * i + 1}"] = blobs(i, shape, sigma=3.0, cuts=(0.3, 0.5, 0.6))
+    for k in list(cases):
+        cases["out_" + k[3:]] = pp.apply(cases[k], rules)
+    np.savez(tmp_path / "cases.npz", **cases)
+    np.save(tmp_path / "rules.npy", np.array(repr(rules)))
+    code = ("import sys, ast, numpy as np; sys.path.insert(0, sys.argv[1]);"
+            "from glacier_runtime import postprocess as pp;"
+            "d = np.load(sys.argv[2]); rules = ast.literal_eval(str(np.load(sys.argv[3])));"
+            "bad = [k for k in d.files if k.startswith('in_') and not np.array_equal(pp.apply(d[k], rules), d['out_' + k[3:]])];"
+            "print('BAD', bad)")
+    out = subprocess.run([PY39, "-c", code, ROOT, str(tmp_path / "cases.npz"), str(tmp_path / "rules.npy")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BAD []" in out.stdout, out.stdout
