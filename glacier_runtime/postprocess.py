@@ -128,9 +128,14 @@ def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, stats: np.ndarray, s
         counts = np.bincount(nb.ravel(), minlength=len(at) * (k + 1)).reshape(len(at), k + 1)[:, :k]
         out[ys, xs] = counts.argmax(axis=1)  # no neighbour -> 0, ties -> lowest id
     if rest.any():
-        ftype = np.float32 if n < 2 ** 24 else np.float64
-        f = np.take(np.where(rest, np.arange(n, dtype=ftype), 0), lab)
-        new = _ring_counts(mask, f, n, k).argmax(axis=1).astype(mask.dtype)  # all-zero row -> 0, ties -> lowest id
+        r = int(rest.sum())  # the larger components, numbered 1..r (small counts, small numbers)
+        ftype = np.float32 if r < 2 ** 24 else np.float64
+        ids = np.zeros(n, ftype)
+        ids[rest] = np.arange(1, r + 1, dtype=ftype)
+        f = np.take(ids, lab)
+        best = _ring_counts(mask, f, r + 1, k).argmax(axis=1)  # all-zero row -> 0, ties -> lowest id
+        new = np.zeros(n, mask.dtype)
+        new[rest] = best[1:]
         out = np.where(f > 0, np.take(new, lab), out)
     return out
 
