@@ -34,6 +34,15 @@ _OFFSETS8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (
 _NEIGHBOUR_READ_BELOW = 24
 
 
+def _neighbours(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, outside) -> np.ndarray:
+    """(len(ys), 8) int array: the eight neighbours of the pixels (ys, xs) of ``img``, with
+    ``outside`` where a neighbour falls off the tile."""
+    w = img.shape[1]
+    padded = np.pad(img, 1, constant_values=outside).ravel()
+    at = (np.asarray(ys, np.intp) + 1) * (w + 2) + np.asarray(xs, np.intp) + 1
+    return np.stack([padded[at + dy * (w + 2) + dx] for dy, dx in _OFFSETS8], 1).astype(np.intp)
+
+
 def _components(binary: np.ndarray, connectivity: int = 8):
     """(labels, statistics) of OpenCV's connected components with statistics."""
     _, lab, stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=connectivity)
@@ -53,7 +62,6 @@ def _ring_counts(mask: np.ndarray, f: np.ndarray, n: int, k: int) -> np.ndarray:
     min or max. Only those pixels (or, where few pixels have two labels, all of them) are
     resolved from their eight neighbours.
     """
-    h, w = mask.shape
     huge = f.dtype == np.float64  # labels >= 2**24: the moment test would not be exact
     big = float(2 ** 53 if huge else 2 ** 24)
     mx = cv2.dilate(f, _K8, borderType=cv2.BORDER_CONSTANT, borderValue=0)
@@ -80,10 +88,7 @@ def _ring_counts(mask: np.ndarray, f: np.ndarray, n: int, k: int) -> np.ndarray:
         c = cv2.boxFilter((f > 0).view(np.uint8), -1, (3, 3), **box).ravel()[pix].astype(np.int64)
         more = np.flatnonzero((lo + hi) * s1 - s2 - c * lo * hi > 0)
     if more.size:
-        ys, xs = np.divmod(pix[more], w)
-        at = (ys + 1) * (w + 2) + xs + 1
-        padded = np.pad(f, 1).ravel()
-        nb = np.stack([padded[at + dy * (w + 2) + dx] for dy, dx in _OFFSETS8], 1).astype(np.intp)
+        nb = _neighbours(f, *np.divmod(pix[more], f.shape[1]), outside=0)
         lo, hi = lo[more, None], hi[more, None]
         nb[(nb <= lo) | (nb >= hi)] = 0  # min and max are counted already
         nb.sort(axis=1)
@@ -116,16 +121,11 @@ def _relabel_by_boundary(mask: np.ndarray, lab: np.ndarray, stats: np.ndarray, s
     rest = selected & ~ones
     out = mask.copy()
     if ones.any():
-        h, w = mask.shape
-        ys = stats[ones, cv2.CC_STAT_TOP].astype(np.intp)
-        xs = stats[ones, cv2.CC_STAT_LEFT].astype(np.intp)
+        ys, xs = stats[ones, cv2.CC_STAT_TOP], stats[ones, cv2.CC_STAT_LEFT]
         fits = mask.dtype.kind == "u" and np.iinfo(mask.dtype).max >= k
-        src = mask if fits else mask.astype(np.int32)
-        padded = np.pad(src, 1, constant_values=k).ravel()  # k: outside the tile, never counted
-        at = (ys + 1) * (w + 2) + xs + 1
-        nb = np.stack([padded[at + dy * (w + 2) + dx] for dy, dx in _OFFSETS8], 1).astype(np.intp)
-        nb += (np.arange(len(at)) * (k + 1))[:, None]  # one row of k + 1 bins per pixel
-        counts = np.bincount(nb.ravel(), minlength=len(at) * (k + 1)).reshape(len(at), k + 1)[:, :k]
+        nb = _neighbours(mask if fits else mask.astype(np.int32), ys, xs, outside=k)  # k: never counted
+        nb += (np.arange(len(ys)) * (k + 1))[:, None]  # one row of k + 1 bins per pixel
+        counts = np.bincount(nb.ravel(), minlength=len(ys) * (k + 1)).reshape(len(ys), k + 1)[:, :k]
         out[ys, xs] = counts.argmax(axis=1)  # no neighbour -> 0, ties -> lowest id
     if rest.any():
         r = int(rest.sum())  # the larger components, numbered 1..r (small counts, small numbers)
