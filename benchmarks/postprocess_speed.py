@@ -248,14 +248,8 @@ def main() -> None:
             for preset in args.presets:
                 with open(os.path.join(root, f"{preset}.yaml")) as fh:
                     rules = postprocess.validate_rules(yaml.safe_load(fh)["rules"])
-                new_out = postprocess.apply(mask, rules)  # warm-up
-                ts, cpu = [], []
-                for _ in range(args.repeats):
-                    t, c = time.perf_counter(), time.process_time()
-                    postprocess.apply(mask, rules)
-                    ts.append(time.perf_counter() - t)
-                    cpu.append(time.process_time() - c)
-                new_s, new_cpu = float(np.median(ts)), float(np.median(cpu))
+                new_out = postprocess.apply(mask, rules)
+                new_s, new_cpu = _time(postprocess.apply, mask, rules, args.repeats)
                 extra = {}
                 if other is not None:
                     o_s, o_cpu = _time(other.apply, mask, rules, args.repeats)
