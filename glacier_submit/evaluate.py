@@ -135,10 +135,11 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
     base_inf = payload["inference"]
     n = len(ds.class_names)
     variants: List[Dict[str, Any]] = []
+    images = {k: ds.image(k) for k in keys}  # read once for every variant
+    labels = {k: ds.label(k) for k in keys}
 
     def run(label, overrides, members=None, rule_sets=None):
         pred = Predictor.from_payload(payload, device=device, overrides=overrides, members=members)
-        images = {k: ds.image(k) for k in keys}
         t0 = time.perf_counter()
         probs = {k: pred.refine(pred.predict_proba(images[k]), images[k]) for k in keys}  # CRF as the bundle
         secs = (time.perf_counter() - t0) / max(len(keys), 1)
@@ -147,7 +148,7 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
                 pred.rules = rules
             acc = ConfusionAccumulator(n)
             for k in keys:
-                acc.update(ds.label(k), pred.decide(probs[k], pred.masked(images[k])))
+                acc.update(labels[k], pred.decide(probs[k], pred.masked(images[k])))
             variants.append({"variant": label + rs_label, "mcc": acc.mcc, "seconds_per_tile": secs,
                              "views": pred.n_forward_views})
 
