@@ -286,15 +286,20 @@ def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, D
         raise ValueError(f"members {bad} have no pure-torch runtime twin; build with --backend onnx")
     parity_report: Dict[str, Any] = {}
     if backend == "onnx":
-        from glacier_submit.export import export_member, onnx_tensor
-
         for e in entries:
-            res = export_member(e)
-            e["onnx"] = onnx_tensor(res["onnx"])
-            parity_report[e["name"]] = res["parity"]
+            attach_onnx(e, parity_report)
             if not runtime_supports(e["spec"]):
                 e["state_dict"] = {}
     return backend, parity_report
+
+
+def attach_onnx(entry: Dict[str, Any], parity_report: Dict[str, Any]) -> None:
+    """Export the member to ONNX (parity-checked against torch) into ``entry["onnx"]``."""
+    from glacier_submit.export import export_member, onnx_tensor
+
+    res = export_member(entry)
+    entry["onnx"] = onnx_tensor(res["onnx"])
+    parity_report[entry["name"]] = res["parity"]
 
 
 def int8_backend(backend: str, calib: Optional[str], notes: List[str]) -> str:
@@ -332,7 +337,6 @@ def consider_int8(payload: Dict[str, Any], tile: np.ndarray, device: str, time_b
     """``--allow-int8``: when the requested setting exceeds ``time_budget`` in fp32, quantise the
     kept members and use int8 if it passes the agreement check and is faster. Returns
     (int8 payload, int8 manifest info) or None (fp32 kept; the note says why)."""
-    from glacier_submit.export import export_member, onnx_tensor
     from glacier_submit.quantize import Int8Error
 
     over = {"tta": payload["inference"]["tta"], "scales": payload["inference"]["scales"]}
@@ -344,9 +348,7 @@ def consider_int8(payload: Dict[str, Any], tile: np.ndarray, device: str, time_b
     members = [dict(e) for e in payload["members"]]
     for e in members:
         if e.get("onnx") is None:
-            res = export_member(e)
-            e["onnx"] = onnx_tensor(res["onnx"])
-            parity_report[e["name"]] = res["parity"]
+            attach_onnx(e, parity_report)
     used, blobs = quantize_entries(members, calib)
     p8 = dict(payload, members=members)
     head = f"--allow-int8: fp32 takes {t32:.2f} s per tile > the {time_budget:.2f} s budget"
