@@ -2,6 +2,7 @@
 random masks (every pixel an independent class draw: thousands of components) at odd sizes."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -179,7 +180,7 @@ def test_ring_counts_every_path_against_a_naive_loop(monkeypatch, read_below, dt
     m[1:4, 6:9] = [[3, 0, 3], [0, 1, 0], [0, 3, 0]]
     m[10:13, 10:13] = [[3, 3, 3], [0, 2, 3], [0, 0, 3]]
     for cls, area in ((3, 12), (1, 5), (0, 3)):
-        n, lab, stats, _ = __import__("cv2").connectedComponentsWithStats((m == cls).astype(np.uint8), connectivity=8)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats((m == cls).astype(np.uint8), connectivity=8)
         sel = stats[:, 4] < area
         sel[0] = False
         chosen = np.where(sel[lab], lab, 0)
@@ -196,7 +197,7 @@ def test_three_consecutive_labels_around_one_pixel(monkeypatch, read_below):
                   [0, 0, 2, 1, 1],
                   [0, 1, 3, 1, 1],
                   [0, 0, 1, 1, 1]], np.uint8)
-    n, lab, stats, _ = __import__("cv2").connectedComponentsWithStats((m == 3).astype(np.uint8), connectivity=8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats((m == 3).astype(np.uint8), connectivity=8)
     assert n == 4 and {lab[1, 1], lab[1, 3], lab[3, 2]} == {1, 2, 3}
     chosen = lab.copy()
     chosen[stats[lab, 4] < 1] = 0
