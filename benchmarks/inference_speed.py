@@ -165,7 +165,7 @@ def command_ratio(n_members: int, size: int, repeats: int) -> dict:
     from conftest import make_member
 
     from glacier_runtime.normalize import normalize
-    from training.checkpoint import load_checkpoint, save_atomic
+    from training.engine.checkpoint import load_checkpoint, save_atomic
 
     work = tempfile.mkdtemp(prefix="cmdbench-")
     paths = [make_member(os.path.join(work, f"fold{i}_seed0.pt"), seed=i, fold=i) for i in range(n_members)]

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import write_result  # noqa: E402
 from glacier_submit.bundle import load_postprocess  # noqa: E402
 from glacier_runtime import postprocess  # noqa: E402
-from training.bias import load_oof  # noqa: E402
+from glacier_submit.tuning.bias import load_oof  # noqa: E402
 from training.metrics import ConfusionAccumulator  # noqa: E402
 
 

@@ -45,11 +45,6 @@ def masked_pixels(image: np.ndarray) -> np.ndarray:
     return np.all(image == 0, axis=0)
 
 
-def invalid_fraction(image: np.ndarray) -> float:
-    """Share of pixels that the invalid-pixel rule will fill."""
-    return float((~np.isfinite(image)).mean()) if image.size else 0.0
-
-
 def identity_stats(n_bands: int) -> Dict[str, list]:
     """Stats that leave data unchanged (tests and smoke runs)."""
     return {

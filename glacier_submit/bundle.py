@@ -255,7 +255,7 @@ def tune_bias_auto(bias: Any, entries: List[Dict[str, Any]], names: List[str], n
                      "before the CRF, but applied after it; use --tune oof --tune-data DIR (fits the bias "
                      "after the CRF) or give --bias values")
     elif bias == "auto":
-        from training.bias import load_oof, tune_bias
+        from glacier_submit.tuning.bias import load_oof, tune_bias
 
         wdirs = {os.path.dirname(e["meta"]["source"]) for e in entries}
         probs, labels, keys = [], [], []

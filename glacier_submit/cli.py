@@ -81,7 +81,7 @@ def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, back
           tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
     from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
-    from training.checkpoint import CheckpointError
+    from training.engine.checkpoint import CheckpointError
 
     b = bias if bias in ("auto", "none") else _floats(bias, "--bias")
     try:
@@ -156,7 +156,7 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
         overrides["bias"] = None if bias == "none" else _floats(bias, "--bias")
     from glacier_runtime.safeload import UnsafeFileError
     from glacier_runtime.tiles import TileIdCollision
-    from training.checkpoint import CheckpointError
+    from training.engine.checkpoint import CheckpointError
 
     try:
         if bundle:

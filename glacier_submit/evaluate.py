@@ -257,7 +257,7 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         report.update(mcc=acc.mcc, per_class=acc.per_class(ds.class_names), per_tile_mcc=per_tile,
                       confusion=acc.cm.tolist(), class_names=list(ds.class_names), problems=problems,
                       missing=missing, missing_rule=MISSING_RULE)
-        from training.grading import class_facts, grade
+        from training.reporting.grading import class_facts, grade
 
         report["grade"] = grade("evaluate", {"mcc": acc.mcc, **class_facts(report["per_class"])})
     else:

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from training.checkpoint import load_checkpoint
+from training.engine.checkpoint import load_checkpoint
 
 PAYLOAD_FORMAT = "glacier-bundle/1"
 log = logging.getLogger("glacier.members")

@@ -164,9 +164,9 @@ def render_report(r: Dict[str, Any]) -> str:
             lines.append(f"{c['class']:<12} {c['mcc']:>13.3f} {c['iou']:>7.3f} {c.get('recall', float('nan')):>7.3f} "
                          f"{c.get('precision', float('nan')):>9.3f} {c['f1']:>7.3f} {c['support']:>10}")
     if r.get("grade"):
-        from training.grading import render_grade
+        from training.reporting.grading import render_grade
 
-        lines += ["", "graded against training/targets.yaml (evaluate):", render_grade(r["grade"]), ""]
+        lines += ["", "graded against training/reporting/targets.yaml (evaluate):", render_grade(r["grade"]), ""]
     if r.get("tuning_decisions"):
         from glacier_submit.tune import render_decision_rows
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from training.bias import BIAS_GRID, fit_bias, logp_pixels  # noqa: F401 - BIAS_GRID re-exported (one rule, one home)
+from glacier_submit.tuning.bias import BIAS_GRID, fit_bias, logp_pixels  # noqa: F401 - BIAS_GRID re-exported (one rule, one home)
 
 log = logging.getLogger("glacier.tune")
 

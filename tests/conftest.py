@@ -62,7 +62,7 @@ def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "
 
     from glacier_runtime.classes import class_map
     from glacier_runtime.models import build_model
-    from training.checkpoint import FORMAT, save_atomic
+    from training.engine.checkpoint import FORMAT, save_atomic
 
     torch.manual_seed(seed)
     spec = {"arch": "Unet", "encoder": encoder, "in_channels": 5, "classes": classes,

@@ -143,7 +143,7 @@ def test_resnet34_fifteen_members_default_flags_fit_300mb(tmp_path):
     ~735 MB in fp16, refused before; the default build keeps six, every fold represented."""
     from glacier_runtime.classes import class_map
     from glacier_runtime.models import build_model
-    from training.checkpoint import FORMAT, save_atomic
+    from training.engine.checkpoint import FORMAT, save_atomic
 
     spec = {"arch": "Unet", "encoder": "resnet34", "in_channels": 5, "classes": 4,
             "decoder_channels": [256, 128, 64, 32, 16], "decoder_attention_type": "scse"}

@@ -207,7 +207,7 @@ def test_members_with_different_bands_refused(tmp_path, tiny_members):
 
 
 def test_bias_tuned_from_oof(tmp_path):
-    from training.bias import tune_bias
+    from glacier_submit.tuning.bias import tune_bias
 
     rng = np.random.default_rng(0)
     labels = [rng.choice(4, (40, 40), p=[0.8, 0.15, 0.04, 0.01]) for _ in range(4)]
@@ -266,7 +266,7 @@ def test_default_bias_auto_is_the_regularised_fit():
     """`build --bias auto` tunes with the same regularised rule as --tune oof: never beyond
     [-1, 2] (the old search went to its grid's edge, -2, on over-predicted classes), and the
     value closest to zero that keeps most of the gain."""
-    from training.bias import tune_bias
+    from glacier_submit.tuning.bias import tune_bias
 
     rng = np.random.default_rng(3)
     labels = [rng.choice(4, (60, 60), p=[0.7, 0.2, 0.08, 0.02]) for _ in range(4)]

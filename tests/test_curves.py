@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from training.curves import plot_curves, read_histories
+from training.reporting.curves import plot_curves, read_histories
 
 
 def _log(folder, name, rows):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import REQUIRED, load_checkpoint
+from training.engine.checkpoint import REQUIRED, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "train.epochs=3", "--set", "train.patches_per_epoch=8", "--set", "train.batch_size=4",

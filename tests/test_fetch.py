@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from training.download import Downloader, FetchError, Progress
-from training.extract import UnsafeArchiveError, safe_extract
-from training.fetch import fetch
+from training.data.download import Downloader, FetchError, Progress
+from training.data.extract import UnsafeArchiveError, safe_extract
+from training.data.fetch import fetch
 
 BODY = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
 SHA = hashlib.sha256(BODY).hexdigest()

@@ -30,11 +30,11 @@ def _member_entry(path):
 
 def test_amp_training_on_cuda(synth_data, tmp_path):
     """fp16 autocast + GradScaler on CUDA: finite losses and a portable (CPU-tensor) member."""
-    from training.checkpoint import load_checkpoint
+    from training.engine.checkpoint import load_checkpoint
     from training.config import load_config
     from training.data.competition import CompetitionDataset
-    from training.distributed import init_distributed
-    from training.trainer import train_member
+    from training.engine.distributed import init_distributed
+    from training.engine.trainer import train_member
 
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), {**TINY, "train.amp": True})
     ds = CompetitionDataset(os.path.join(synth_data, "train"))
@@ -79,7 +79,7 @@ def test_onnx_cuda_provider(tiny_members):
 def test_resume_on_cuda(synth_data, folds_file, tmp_path):  # noqa: F811
     """SIGKILL after the first epoch's last.pt on CUDA, re-run: it resumes (optimizer, scaler
     and EMA state back on the GPU) and keeps the epochs it had."""
-    from training.checkpoint import load_checkpoint
+    from training.engine.checkpoint import load_checkpoint
 
     out = str(tmp_path / "cv")
     cmd = [c if c != "cpu" else "cuda" for c in _cmd(os.path.join(synth_data, "train"), folds_file, out)]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import jaccard_score, matthews_corrcoef, precision_score, recall_score
 
-from training.grading import TargetsError, class_facts, grade, load_targets, render_grade, smooth_convergence
+from training.reporting.grading import TargetsError, class_facts, grade, load_targets, render_grade, smooth_convergence
 from training.metrics import confusion, per_class_scores
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.guards import (AMP_SKIP, OK, SKIPPED, ClassLearningMonitor, MemberDiverged, NonFiniteMonitor,
+from training.engine.guards import (AMP_SKIP, OK, SKIPPED, ClassLearningMonitor, MemberDiverged, NonFiniteMonitor,
                              assert_finite_state, grad_norm, is_oom, nonfinite_parts, nonfinite_tensors,
                              oom_message, smaller_batch, smaller_window)
 
@@ -202,7 +202,7 @@ def test_is_finite_oracle():
 
 # ---- micro-batches over the epoch order -----------------------------------------------------------
 def test_window_batches_same_samples_per_step_after_halving():
-    from training.guards import window_batches
+    from training.engine.guards import window_batches
 
     order = list(np.random.default_rng(0).permutation(40))[:36]
     full = window_batches(order, effective=8, micro=4)

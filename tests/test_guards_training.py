@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
+from training.engine.checkpoint import load_checkpoint
 from training.config import load_config
-from training.guards import MemberDiverged, MemberOutOfMemory, nonfinite_tensors
+from training.engine.guards import MemberDiverged, MemberOutOfMemory, nonfinite_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -37,7 +37,7 @@ def dataset(synth_data):
 
 
 def run(cfg, dataset, tmp_path, train=TRAIN, val=VAL, fold=0, seed=0):
-    from training.trainer import train_member
+    from training.engine.trainer import train_member
 
     out = str(tmp_path / f"fold{fold}_seed{seed}.pt")
     return out, train_member(cfg, dataset, train, val, fold, seed, out, str(tmp_path / ".work" / f"fold{fold}_seed{seed}"),
@@ -104,7 +104,7 @@ def test_a_run_of_nan_steps_stops_the_member_and_keeps_the_last_good_checkpoint(
 
 def test_weights_turned_non_finite_are_never_saved(dataset, tmp_path, monkeypatch):
     """A step that leaves NaN in the weights while the loss was still finite: caught at save time."""
-    from training import trainer as trainer_mod
+    from training.engine import trainer as trainer_mod
 
     orig = trainer_mod.Trainer.train_one_epoch
 
@@ -226,7 +226,7 @@ def test_cv_goes_on_after_a_diverged_member_and_exits_non_zero(synth_data, folds
                                                               nan_loss_at):
     from click.testing import CliRunner
 
-    from training import trainer as trainer_mod
+    from training.engine import trainer as trainer_mod
     from training.cli import cv_command
 
     calls = nan_loss_at(set())

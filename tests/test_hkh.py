@@ -137,7 +137,7 @@ def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
     log = open(out + ".log.txt").read()
     assert "checkpoint_mb" in log and "min_class_iou" in log and "grade:" in log
     from training.config import load_config
-    from training.transfer import load_init_state
+    from training.runs.transfer import load_init_state
 
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), {"model.decoder_channels": [16, 16, 16, 8, 8]})
     lines = []
@@ -157,8 +157,8 @@ def test_pretrain_then_init_from_reports(fake_hkh, tmp_path, synth_data):
 def test_pretrain_in_process_then_init_from(fake_hkh, tmp_path):
     """The fast twin of the CLI test above: one tiny epoch in-process, then init-from."""
     from training.config import load_config
-    from training.pretrain import pretrain
-    from training.transfer import load_init_state
+    from training.runs.pretrain import pretrain
+    from training.runs.transfer import load_init_state
 
     tiny = {"train.epochs": 1, "train.patches_per_epoch": 4, "train.batch_size": 4, "train.patch_size": 64,
             "model.decoder_channels": [16, 16, 16, 8, 8]}

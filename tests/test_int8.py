@@ -41,7 +41,7 @@ _MODELS = {}
 
 
 def _smp(path):
-    from training.checkpoint import load_checkpoint
+    from training.engine.checkpoint import load_checkpoint
     from training.models import create_model
 
     if path not in _MODELS:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.test_cv import _env
-from training.launch import Worker, describe_rc, run_workers, split_cpus, visible_devices, worker_devices
+from training.engine.launch import Worker, describe_rc, run_workers, split_cpus, visible_devices, worker_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "train.epochs=2", "--set", "train.patches_per_epoch=8", "--set", "train.batch_size=4",
@@ -85,7 +85,7 @@ def test_gpus_with_parallel_folds_is_a_clear_error(synth_data, folds_file, tmp_p
 
 
 def test_child_arguments_come_from_parsed_parameters():
-    from training.cv import CvRun
+    from training.runs.cv import CvRun
 
     run = CvRun(config=os.path.join(ROOT, "configs", "quickstart.yaml"), data=ROOT, folds_path=os.path.join(ROOT, "pyproject.toml"), out="o", seeds=(0, 1), only_folds=(2,),
                 sets=("train.epochs=3",), verbose=True, worker=1, loader_workers=0, parent_lock=True)
@@ -105,7 +105,7 @@ def test_child_arguments_come_from_parsed_parameters():
 def test_second_run_on_the_same_out_names_the_holder(synth_data, folds_file, tmp_path):
     out = tmp_path / "w"
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from training.runlock import RunLock\n"
+                               "import sys, time; from training.engine.runlock import RunLock\n"
                                f"l = RunLock({str(out)!r}, 'glacier-train cv (test holder)').acquire()\n"
                                "print('locked', flush=True); time.sleep(60)"],
                               env=_env(), stdout=subprocess.PIPE, text=True)
@@ -122,7 +122,7 @@ def test_second_run_on_the_same_out_names_the_holder(synth_data, folds_file, tmp
 
 
 def test_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
-    from training.runlock import LOCK_NAME, RunLock
+    from training.engine.runlock import LOCK_NAME, RunLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -155,7 +155,7 @@ def test_member_from_other_folds_stops_the_run(synth_data, folds_file, tmp_path)
 def test_force_retrain_removes_stale_members_and_their_oof(tmp_path, folds_file):
     from tests.conftest import make_member
     from training.config import load_config
-    from training.cv import CvError, prune_oof, resolve_members, stale_members
+    from training.runs.cv import CvError, prune_oof, resolve_members, stale_members
 
     folds = json.load(open(folds_file))
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml")).model_dump()
@@ -219,6 +219,6 @@ def test_ddp_uneven_patch_count_does_not_hang(synth_data, folds_file, tmp_path):
                "--set", "train.patches_per_epoch=7", "--set", "train.batch_size=2", "--set", "train.accumulate=2")
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    from training.checkpoint import load_checkpoint
+    from training.engine.checkpoint import load_checkpoint
 
     assert len(load_checkpoint(os.path.join(out, "fold0_seed0.pt"))["history"]) == 2

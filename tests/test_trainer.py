@@ -16,8 +16,8 @@ TINY = {"train.epochs": 3, "train.patches_per_epoch": 8, "train.batch_size": 4, 
 
 def _trainer(synth_data, tmp_path, device="cpu", **over):
     from training.data.competition import CompetitionDataset
-    from training.distributed import DistContext
-    from training.trainer import Trainer
+    from training.engine.distributed import DistContext
+    from training.engine.trainer import Trainer
 
     cfg = load_config(QUICK, {**TINY, **over})
     ds = CompetitionDataset(os.path.join(synth_data, "train"))
@@ -65,8 +65,8 @@ def test_restore_puts_every_tensor_on_the_target_device(synth_data, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
 def test_restore_state_scaler_and_ema_device_unit():
-    from training.loop import EMA, _grad_scaler
-    from training.state import restore_state
+    from training.engine.loop import EMA, _grad_scaler
+    from training.engine.state import restore_state
 
     model = torch.nn.Conv2d(2, 3, 1)
     opt = torch.optim.AdamW(model.parameters())
@@ -89,7 +89,7 @@ def test_restore_state_scaler_and_ema_device_unit():
 # ---- DDP ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,world", [(7, 2), (8, 2), (5, 3), (1, 2), (0, 2)])
 def test_shards_are_equal_and_cover_everything(n, world):
-    from training.trainer import shard
+    from training.engine.trainer import shard
 
     items = list(range(n))
     parts = [shard(items, r, world) for r in range(world)]
@@ -120,7 +120,7 @@ def _batch():
 
 
 def _step_trainer(ctx, accumulate):
-    from training.trainer import Trainer
+    from training.engine.trainer import Trainer
 
     cfg = load_config(QUICK, {"loss.focal": 1.0, "loss.dice": 0.0, "loss.mcc": 0.0, "loss.boundary": 0.0,
                               "train.accumulate": accumulate, "train.ema": 0.0, "train.grad_clip": 1.0})
@@ -133,7 +133,7 @@ def _step_trainer(ctx, accumulate):
 def _ddp_rank(rank, world, store, result):
     import torch.distributed as dist
 
-    from training.distributed import DistContext
+    from training.engine.distributed import DistContext
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -163,7 +163,7 @@ def test_two_ranks_on_half_batches_update_like_one_process(tmp_path):
     gradients are all-reduced once per update (no_sync on the accumulation step)."""
     import torch.multiprocessing as mp
 
-    from training.distributed import DistContext
+    from training.engine.distributed import DistContext
 
     result = str(tmp_path / "ddp.pt")
     mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "store"), result), nprocs=2, join=True,
@@ -182,7 +182,7 @@ def test_two_ranks_on_half_batches_update_like_one_process(tmp_path):
 def test_epoch_lines_through_a_pipe(synth_data, tmp_path):
     """Off a terminal every epoch prints one flushed line: fold, seed, epoch/total, loss
     parts, val MCC overall and per class, lr, s/epoch, ETA for the member and the run."""
-    from training.progress import EpochReporter
+    from training.engine.progress import EpochReporter
 
     r_fd, w_fd = os.pipe()
     with os.fdopen(w_fd, "w") as w:
@@ -205,7 +205,7 @@ def test_epoch_lines_through_a_pipe(synth_data, tmp_path):
 
 
 def test_eta_counts_the_members_still_to_train():
-    from training.progress import EpochReporter, fmt_duration
+    from training.engine.progress import EpochReporter, fmt_duration
 
     rep = EpochReporter(1, 2, 10, ["a"], members_after=3, bars=False, stream=open(os.devnull, "w"))
     rep.times = [10.0, 20.0]
@@ -216,7 +216,7 @@ def test_eta_counts_the_members_still_to_train():
 
 # ---- checkpoint kinds ---------------------------------------------------------------------------
 def test_checkpoint_kind_is_checked():
-    from training.trainer import Trainer
+    from training.engine.trainer import Trainer
 
     with pytest.raises(ValueError, match="kind"):
         Trainer(load_config(QUICK), _Classes(), [], [], 0, 0, "x.pt", "w", kind="hkh")

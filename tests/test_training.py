@@ -9,7 +9,7 @@ import yaml
 from training.config import ConfigError, load_config
 from training.losses import (boundary_loss, class_weights_from_shares, dice_loss, focal_loss,
                              signed_distance_maps, soft_mcc_loss)
-from training.sampling import PixelBalancedSampler, achieved_rates
+from training.data.sampling import PixelBalancedSampler, achieved_rates
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -163,7 +163,7 @@ def test_sampler_tile_smaller_than_patch():
 
 
 def test_augmentation_keeps_image_and_mask_aligned():
-    from training.augment import build_augment
+    from training.data.augment import build_augment
     from training.config import AugmentConfig
 
     aug = build_augment(AugmentConfig(band_p=0, noise_p=0, affine_p=1.0, scale=0.1, rotate=20))
@@ -184,9 +184,9 @@ def test_augmentation_keeps_image_and_mask_aligned():
 
 
 def test_patch_dataset_deterministic_per_index():
-    from training.augment import build_augment
+    from training.data.augment import build_augment
     from training.config import AugmentConfig
-    from training.dataset import PatchDataset
+    from training.data.patches import PatchDataset
 
     labs = _labels()
     imgs = {k: np.random.default_rng(1).normal(size=(5, 96, 96)).astype(np.float32) for k in labs}

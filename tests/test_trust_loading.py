@@ -73,7 +73,7 @@ def test_payload_refused_inside_the_bundle(real_bundle, tmp_path):
 
 def test_member_checkpoint_refused(tmp_path, tiny_members):
     from glacier_submit.members import load_members
-    from training.checkpoint import CheckpointError
+    from training.engine.checkpoint import CheckpointError
 
     marker = str(tmp_path / "PWNED")
     ck = torch.load(tiny_members[0], weights_only=True)
@@ -84,9 +84,9 @@ def test_member_checkpoint_refused(tmp_path, tiny_members):
 
 
 def test_init_from_refused(tmp_path):
-    from training.checkpoint import CheckpointError
+    from training.engine.checkpoint import CheckpointError
     from training.config import load_config
-    from training.transfer import load_init_state
+    from training.runs.transfer import load_init_state
 
     marker = str(tmp_path / "PWNED")
     evil = craft(str(tmp_path / "hkh.pt"), marker, {"state_dict": {}, "sensor": "L7"})
@@ -109,8 +109,8 @@ def _tiny_training(synth_data):
 
 def test_resume_state_refused(synth_data, tmp_path):
     """A crafted last.pt in the work folder stops the run before any epoch; never unpickled."""
-    from training.checkpoint import CheckpointError
-    from training.trainer import train_member
+    from training.engine.checkpoint import CheckpointError
+    from training.engine.trainer import train_member
 
     cfg, ds, tr, va = _tiny_training(synth_data)
     marker = str(tmp_path / "PWNED")
@@ -124,8 +124,8 @@ def test_resume_state_refused(synth_data, tmp_path):
 
 def test_best_checkpoint_refused(synth_data, tmp_path, monkeypatch):
     """The best-epoch checkpoint is re-read at the end of a run: a crafted one is refused."""
-    import training.trainer as trainer
-    from training.checkpoint import CheckpointError
+    import training.engine.trainer as trainer
+    from training.engine.checkpoint import CheckpointError
 
     cfg, ds, tr, va = _tiny_training(synth_data)
     marker = str(tmp_path / "PWNED")
@@ -174,7 +174,7 @@ def test_plain_converts_numpy_and_refuses_objects():
 
 def test_checkpoints_written_are_plain(tmp_path):
     """numpy values in a checkpoint are converted at save time, so it loads with weights_only=True."""
-    from training.checkpoint import load_state, save_atomic
+    from training.engine.checkpoint import load_state, save_atomic
 
     p = str(tmp_path / "x.pt")
     save_atomic({"history": [{"val_mcc": np.float64(0.7)}], "shares": np.array([0.5, 0.5])}, p)

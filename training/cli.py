@@ -76,7 +76,7 @@ LABEL_MODE = click.option("--label-mode", type=click.Choice(["multiclass", "bina
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the inspection as JSON.")
 def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
     """Print tiles, sizes, dtypes, band statistics, class shares and every problem found."""
-    from training.inspection import inspect_dataset, render_inspection
+    from training.data.inspection import inspect_dataset, render_inspection
 
     ds = _open(data, label_mode, require_labels=False)
     report = inspect_dataset(ds)
@@ -142,7 +142,7 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
                force_retrain, no_progress, worker_id, loader_workers, parent_lock):
     """Train every fold x seed; finished members are reused, interrupted ones resume."""
     from training.config import ConfigError
-    from training.cv import CvError, CvRun, cv
+    from training.runs.cv import CvError, CvRun, cv
 
     verbose = bool(ctx.find_root().params.get("verbose"))
     run = CvRun(config=config, data=data, folds_path=folds_path, out=out, seeds=tuple(seeds),
@@ -174,7 +174,7 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
 def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress):
     """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
     from training.config import ConfigError, load_config
-    from training.cv import CvError, parse_sets
+    from training.runs.cv import CvError, parse_sets
 
     try:
         overrides = parse_sets(sets)
@@ -182,7 +182,7 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
     except (CvError, ConfigError) as exc:
         raise _fail(exc) from exc
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        from training.launch import describe_rc, run_torchrun
+        from training.engine.launch import describe_rc, run_torchrun
 
         args = (["-v"] if ctx.find_root().params.get("verbose") else []) + [
             "pretrain", "--config", config, "--data", data, "--out", out, "--seed", str(seed),
@@ -196,7 +196,7 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
             raise click.ClickException(f"the DDP pre-training run {describe_rc(rc)}; re-run the same command "
                                        "to resume")
         return
-    from training.pretrain import pretrain
+    from training.runs.pretrain import pretrain
 
     try:
         res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress)
@@ -213,7 +213,7 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
 cli.add_command(cv_command)
 cli.add_command(pretrain_command)
 
-from training.fetch import fetch_command  # noqa: E402  (download + safe extraction)
+from training.data.fetch import fetch_command  # noqa: E402  (download + safe extraction)
 
 cli.add_command(fetch_command)
 

@@ -36,7 +36,3 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
         attention=spec.get("decoder_attention_type"),
     )
 
-
-def spec_summary(spec: Mapping[str, Any]) -> Dict[str, Any]:
-    keys = ("arch", "encoder", "in_channels", "classes", "decoder_attention_type")
-    return {k: spec.get(k) for k in keys}

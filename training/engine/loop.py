@@ -1,7 +1,7 @@
 """Building blocks of the training loop: seeding, the learning-rate schedule, EMA, the
 gradient scaler, validation with the bundle's own predictor, the CSV log. The loop
-itself, step by step, is :class:`training.trainer.Trainer` (with its one-call form
-:func:`training.trainer.train_member`).
+itself, step by step, is :class:`training.engine.trainer.Trainer` (with its one-call form
+:func:`training.engine.trainer.train_member`).
 """
 from __future__ import annotations
 

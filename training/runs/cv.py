@@ -144,7 +144,7 @@ def stale_members(out: str, folds: Dict[str, Any], folds_path: str, config: Dict
     """Every ``fold{k}_seed{s}.pt`` in ``out`` that does not belong to this run, with the
     reasons: a fold the folds file lacks, other training/validation tiles, another config,
     an unreadable file."""
-    from training.checkpoint import load_checkpoint
+    from training.engine.checkpoint import load_checkpoint
 
     by_fold = {f["fold"]: f for f in folds["folds"]}
     problems: Dict[Tuple[int, int], List[str]] = {}
@@ -268,8 +268,8 @@ def oof_score(out: str, folds: Dict, dataset, seeds: Sequence[int]) -> Optional[
 def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds,
               targets: Optional[str] = None) -> Dict[str, Any]:
     """The run's table, the pooled OOF scores per class, and the grade against the targets."""
-    from training.checkpoint import load_checkpoint
-    from training.grading import class_facts, grade, load_targets
+    from training.engine.checkpoint import load_checkpoint
+    from training.reporting.grading import class_facts, grade, load_targets
 
     rows = []
     for fold, seed in jobs:
@@ -309,7 +309,7 @@ def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds
 def render_training_log(summary: Dict[str, Any]) -> str:
     """The plain-text log users share: best epoch, per-fold MCC, mean, per-class IoU,
     training time, checkpoint size, and the grade with every criterion."""
-    from training.grading import render_grade
+    from training.reporting.grading import render_grade
 
     lines = [f"glacier-train cv, {summary['date']}", ""]
     lines.append(f"{'fold':>4} {'seed':>4} {'val MCC':>8} {'best epoch':>10} {'epochs':>6} {'minutes':>7} {'MB':>6}")
@@ -329,7 +329,7 @@ def render_training_log(summary: Dict[str, Any]) -> str:
         for c in summary["oof_per_class"]:
             lines.append(f"{c['class']:<12} {c['iou']:>7.3f} {c['recall']:>7.3f} {c['precision']:>9.3f} "
                          f"{c['mcc']:>13.3f} {c['support']:>10}")
-    lines += ["", "targets (training/targets.yaml):", render_grade(summary["grade"])]
+    lines += ["", "targets (training/reporting/targets.yaml):", render_grade(summary["grade"])]
     return "\n".join(lines) + "\n"
 
 
@@ -409,8 +409,8 @@ def cv(run: CvRun, echo: Echo = echo_stdout) -> Dict[str, Any]:
 def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
     """The parent of DDP ranks or fold-parallel workers: checks the inputs, holds the
     lock, starts the children, fails loudly when any of them fails."""
-    from training.launch import Worker, describe_rc, run_torchrun, run_workers, split_cpus, worker_devices
-    from training.runlock import LockedError, RunLock
+    from training.engine.launch import Worker, describe_rc, run_torchrun, run_workers, split_cpus, worker_devices
+    from training.engine.runlock import LockedError, RunLock
 
     prep = prepare(run)
     devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
@@ -464,8 +464,8 @@ def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optio
     """Train (``train``) every fold x seed of ``run`` in this process (one DDP rank under
     torchrun), then write and print the summary. ``train=False`` only summarises and
     fails if a member is missing (nothing is retrained behind the user's back)."""
-    from training.distributed import cleanup, init_distributed
-    from training.runlock import LockedError, RunLock
+    from training.engine.distributed import cleanup, init_distributed
+    from training.engine.runlock import LockedError, RunLock
 
     prep = prep or prepare(run)
     ctx = init_distributed(run.device)
@@ -502,8 +502,8 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
     """Train the members still to do; returns the ones a guard stopped (diverged, out of
     memory): the others still train. Under DDP a stopped member ends the run."""
     from training.folds import fold_split
-    from training.guards import MemberFailed
-    from training.trainer import Trainer
+    from training.engine.guards import MemberFailed
+    from training.engine.trainer import Trainer
 
     cfg, folds, dataset, jobs = prep.cfg, prep.folds, prep.dataset, prep.jobs
     if ctx.is_main:
@@ -519,7 +519,7 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_
         raise CvError(f"members {todo} are missing after training; re-run the same command")
     init_state = None
     if cfg.init_from and todo:
-        from training.transfer import load_init_state
+        from training.runs.transfer import load_init_state
 
         lines: List[str] = []
         init_state = load_init_state(cfg.init_from, cfg, lines)
@@ -566,7 +566,7 @@ def _write_summary(run: CvRun, prep: _Prepared, echo: Echo,
     table = render_summary(summary)
     atomic_write_text(os.path.join(run.out, "cv_summary.txt"), table + "\n")
     atomic_write_text(os.path.join(run.out, "training_log.txt"), render_training_log(summary))
-    from training.curves import plot_curves, read_histories
+    from training.reporting.curves import plot_curves, read_histories
 
     plot_curves(read_histories(run.out), os.path.join(run.out, "curves.png"), title=f"glacier-train cv: {run.out}")
     echo(table)

@@ -19,7 +19,7 @@ def load_init_state(path: str, cfg, report: list = None) -> Dict[str, torch.Tens
     from training.bands import map_bands
     from training.models import create_model, model_spec
 
-    from training.checkpoint import load_state
+    from training.engine.checkpoint import load_state
 
     ck = load_state(path, "--init-from checkpoint", "re-run pre-training to rewrite it")
     sd = ck.get("state_dict", ck) if isinstance(ck, dict) else ck

@@ -1,4 +1,4 @@
-"""Grade a run against the targets users work to (``training/targets.yaml``).
+"""Grade a run against the targets users work to (``training/reporting/targets.yaml``).
 
 A grade is the highest level (pass < good < excellent) whose criteria, and every lower
 level's, are all met; below pass the grade is ``below pass``. Every criterion is reported

@@ -10,8 +10,8 @@ from training.data.hkh import HKHPatches, HKHSource, competition_to_hkh, find_pa
 def pretrain(config: str, data: str, out: str, seed: int = 0, val_patches: int = 64, device: str = "auto",
              overrides: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
     from training.config import load_config
-    from training.distributed import cleanup, init_distributed
-    from training.trainer import train_member
+    from training.engine.distributed import cleanup, init_distributed
+    from training.engine.trainer import train_member
 
     cfg = load_config(config, overrides)
     if cfg.data.sensor.upper() not in ("L7",):
@@ -50,8 +50,8 @@ def write_pretrain_log(out: str, res: Dict[str, Any], targets: Optional[str] = N
     """Grade a finished pre-training run against ``targets.yaml`` (``pretrain``) and write
     the plain-text log ``<out>.log.txt``; returns ``{"grade": ..., "log_path": ...}``."""
     from glacier_runtime.atomic import atomic_write_text
-    from training.checkpoint import load_checkpoint
-    from training.grading import class_facts, grade, load_targets, render_grade, smooth_convergence
+    from training.engine.checkpoint import load_checkpoint
+    from training.reporting.grading import class_facts, grade, load_targets, render_grade, smooth_convergence
 
     ck = load_checkpoint(out)
     history = ck.get("history") or []

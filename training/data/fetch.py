@@ -3,7 +3,7 @@ run the matching reader and print its summary.
 
 ``fetch hkh --out DIR`` takes the HKH Glacier Mapping patches (29.4 GB) from the public
 mirrors below; ``fetch URL --out DIR`` any archive (the competition's zip). The moving
-parts live in :mod:`training.download` and :mod:`training.extract`.
+parts live in :mod:`training.data.download` and :mod:`training.data.extract`.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import click
 
-from training.download import Downloader, FetchError, human
-from training.extract import ArchiveError, UnsafeArchiveError, archive_kind, marker_path, safe_extract
+from training.data.download import Downloader, FetchError, human
+from training.data.extract import ArchiveError, UnsafeArchiveError, archive_kind, marker_path, safe_extract
 
 HKH_MIRRORS = (
     "https://lilawildlife.blob.core.windows.net/lila-wildlife/icimod-glacier-mapping/hkh_patches.tar.gz",
@@ -82,7 +82,7 @@ def summarise_hkh(root: str, say: Callable[[str], None]) -> Dict:
 def summarise_competition(root: str, say: Callable[[str], None]) -> Dict:
     """``glacier-train inspect`` over each competition-layout folder found under ``root``."""
     from training.data.competition import CompetitionDataset, DataError
-    from training.inspection import inspect_dataset, render_inspection
+    from training.data.inspection import inspect_dataset, render_inspection
 
     out = {"layout": "competition", "roots": [], "errors": 0}
     for data in competition_roots(root):

@@ -22,7 +22,7 @@ import zipfile
 from typing import BinaryIO, Callable, Dict, Iterator, Optional, Tuple
 
 from glacier_runtime.atomic import atomic_path, atomic_write_text
-from training.download import Progress, human
+from training.data.download import Progress, human
 
 Say = Callable[[str], None]
 

@@ -29,19 +29,19 @@ from glacier_runtime.atomic import atomic_write_with
 from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
 from glacier_runtime.tiles import BAND_FOLDERS
-from training.augment import build_augment
-from training.checkpoint import FORMAT, code_version, load_state, save_atomic
+from training.data.augment import build_augment
+from training.engine.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
-from training.dataset import PatchDataset
-from training.distributed import DistContext
-from training.guards import (SKIPPED, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory, NonFiniteMonitor,
+from training.data.patches import PatchDataset
+from training.engine.distributed import DistContext
+from training.engine.guards import (SKIPPED, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory, NonFiniteMonitor,
                              assert_finite_state, free_memory, grad_norm, is_oom, nonfinite_parts, nonfinite_tensors,
                              oom_message, smaller_batch, smaller_window, window_batches)
-from training.loop import EMA, LazyMap, _grad_scaler, _seed_all, _write_csv, lr_factor, validate
+from training.engine.loop import EMA, LazyMap, _grad_scaler, _seed_all, _write_csv, lr_factor, validate
 from training.losses import CombinedLoss, class_weights_from_shares
-from training.progress import EpochReporter
-from training.sampling import PixelBalancedSampler, UniformPatchSampler, achieved_rates
-from training.state import cpu_state, restore_state
+from training.engine.progress import EpochReporter
+from training.data.sampling import PixelBalancedSampler, UniformPatchSampler, achieved_rates
+from training.engine.state import cpu_state, restore_state
 from training.stats import compute_stats
 
 log = logging.getLogger("glacier.train")
@@ -582,7 +582,7 @@ class Trainer:
 
 
 def _cpu_optimizer_state(sd: Dict[str, Any]) -> Dict[str, Any]:
-    from training.state import to_device
+    from training.engine.state import to_device
 
     return {"state": to_device(sd["state"], torch.device("cpu")), "param_groups": sd["param_groups"]}
 
@@ -592,7 +592,7 @@ def train_member(cfg: Config, dataset, train_keys: List[str], val_keys: List[str
                  progress: bool = True, init_state: Optional[Dict[str, torch.Tensor]] = None,
                  save_oof: bool = True, kind: str = "member", **trainer_kw: Any) -> Dict[str, Any]:
     """Train one member and write ``out_path``; resumes from ``work_dir`` if a run was cut.
-    A thin wrapper over :class:`training.trainer.Trainer`, whose methods are the steps."""
+    A thin wrapper over :class:`training.engine.trainer.Trainer`, whose methods are the steps."""
     return Trainer(cfg, dataset, train_keys, val_keys, fold, seed, out_path, work_dir, ctx=ctx,
                    init_state=init_state, save_oof=save_oof, kind=kind, progress=progress,
                    **trainer_kw).fit()
