@@ -44,10 +44,11 @@ def main() -> None:
     import torch
     from sklearn.metrics import matthews_corrcoef
 
-    from glacier_submit.bundle import prepare_backend
+    from glacier_submit.export import prepare_backend
     from glacier_submit.members import load_members, make_payload
     from glacier_submit.quantize import METHOD, quantize_entries
-    from glacier_runtime.predictor import DEFAULT_INFERENCE, Predictor
+    from glacier_runtime.predictor import Predictor
+    from glacier_runtime.settings import InferenceSettings
     from training.data.competition import CompetitionDataset
     from training.metrics import ConfusionAccumulator
 
@@ -60,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     calib, _ = quantize_entries(entries, os.path.join(args.data, "train"))
     quant_s = time.perf_counter() - t0
-    inference = dict(DEFAULT_INFERENCE, tta=args.tta, postprocess=[], bias=None)
+    inference = InferenceSettings(tta=args.tta).to_dict()
     preds = {"fp32": Predictor.from_payload(make_payload(fp32_entries, inference), device="cpu", backend="onnx"),
              "int8": Predictor.from_payload(make_payload(entries, inference), device="cpu", backend="onnx")}
     size = {"fp32": sum(e["onnx"].numel() for e in fp32_entries), "int8": sum(e["onnx"].numel() for e in entries)}

@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import write_result  # noqa: E402
-from glacier_submit.bundle import load_postprocess  # noqa: E402
+from glacier_submit.postprocessing import load_postprocess  # noqa: E402
 from glacier_runtime import postprocess  # noqa: E402
-from glacier_submit.tuning.bias import load_oof  # noqa: E402
+from training.rundir import OOFMember, RunDir, read_oof  # noqa: E402
 from training.metrics import ConfusionAccumulator  # noqa: E402
 
 
@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--weights", default="demo/weights")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    names = sorted(d for d in os.listdir(os.path.join(args.weights, "oof")) if d != "labels")
-    probs, labels, keys = load_oof(args.weights, names)
+    run = RunDir(args.weights)
+    names = run.oof_members()
+    oof = read_oof([OOFMember.from_folder(run, n) for n in names])
+    keys = oof.keys
+    probs, labels = [oof.mean_probs(k) for k in keys], [oof.labels[k] for k in keys]
     if not probs:
         raise SystemExit(f"no out-of-fold predictions under {args.weights}/oof")
     raw = [p.argmax(0).astype(np.uint8) for p in probs]  # saved OOF already has masked -> background

@@ -18,31 +18,16 @@ from . import postprocess
 from .crf import crf_refine, validate_crf
 from .backends import OnnxRunner, TorchRunner, cpu_cores, onnxruntime_available, set_worker_threads
 from .classes import CLASS_VALUES
+from .decision import decide
 from .models import build_model
 from .normalize import masked_pixels, normalize
 from .safeload import UnsafeFileError, safe_load
+from .settings import InferenceSettings
 from .tta import group_views, rescale, resolve_views, scaled_size
 from .window import blend_weight, pad_to_multiple, plan_windows
 
 log = logging.getLogger("glacier.runtime")
 
-DEFAULT_INFERENCE: Dict[str, Any] = {
-    "tta": "none",          # preset name or list of D4 view names
-    "scales": [1.0],
-    "merge": "mean",        # mean | weighted (by member weight)
-    "bias": None,           # per-class additive bias on log-probabilities
-    "window": 1024,         # tiles larger than this (after padding) are windowed
-    "block": 2048,          # tiles larger than this are predicted block by block (bounded memory, docs/DATA.md)
-    "overlap": 0.25,
-    "max_batch": "auto",    # views per forward pass: auto = 2 torch-CPU, 1 ORT-CPU (measured on CPU,
-                            # benchmarks/inference_speed.py); 8 on CUDA (a default, not measured on a GPU)
-    "workers": "auto",      # CPU: work items (member x view x scale) run this many at once, each with
-                            # cores // workers intra-op threads; auto = one per core (2..4), 1 on CUDA
-    "stride": 32,
-    "postprocess": [],
-    "masked_background": True,  # pixels that are 0 in every band (masked scene edge) -> background
-    "crf": None,            # optional CRF refinement of the merged probabilities (glacier_runtime/crf.py)
-}
 
 
 class Member:
@@ -81,24 +66,23 @@ def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, ba
 
 
 class Predictor:
-    def __init__(self, members: Sequence[Member], inference: Optional[Mapping[str, Any]] = None,
+    def __init__(self, members: Sequence[Member], inference: Any = None,
                  class_values: Sequence[int] = CLASS_VALUES):
         if not members:
             raise ValueError("a predictor needs at least one member")
-        cfg = dict(DEFAULT_INFERENCE)
-        cfg.update({k: v for k, v in (inference or {}).items() if v is not None or k == "bias"})
+        cfg = inference if isinstance(inference, InferenceSettings) else InferenceSettings.from_dict(inference)
         self.cfg = cfg
         self.members = list(members)
         self.n_classes = self.members[0].n_classes
-        self.views = resolve_views(cfg["tta"])
-        self.scales = [float(s) for s in cfg["scales"]]
+        self.views = resolve_views(cfg.tta)
+        self.scales = [float(s) for s in cfg.scales]
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"scales must be positive, got {self.scales}")
-        self.bias = np.zeros(self.n_classes, np.float32) if cfg.get("bias") is None else np.asarray(cfg["bias"], np.float32)
+        self.bias = np.zeros(self.n_classes, np.float32) if cfg.bias is None else np.asarray(cfg.bias, np.float32)
         if self.bias.shape != (self.n_classes,):
             raise ValueError(f"bias needs {self.n_classes} values, got {self.bias.tolist()}")
-        self.rules = postprocess.validate_rules(cfg.get("postprocess") or [])
-        self.crf = validate_crf(cfg.get("crf"))
+        self.rules = postprocess.validate_rules(cfg.postprocess or [])
+        self.crf = validate_crf(cfg.crf)
         self.class_values = np.asarray(list(class_values)[: self.n_classes], np.uint8)
 
     # -- construction ------------------------------------------------------------------------
@@ -108,8 +92,7 @@ class Predictor:
         entries = list(payload["members"])
         if members is not None:
             entries = [entries[i] for i in members]
-        inference = dict(payload.get("inference") or {})
-        inference.update(overrides or {})
+        inference = InferenceSettings.from_dict({**(payload.get("inference") or {}), **(overrides or {})})
         built = [member_from_entry(e, device, backend) for e in entries]
         values = payload.get("class_map", {}).get("values", CLASS_VALUES)
         return cls(built, inference, values)
@@ -120,7 +103,7 @@ class Predictor:
 
     # -- inference ----------------------------------------------------------------------------
     def _member_weights(self) -> List[float]:
-        if self.cfg["merge"] == "weighted":
+        if self.cfg.merge == "weighted":
             w = [max(m.weight, 0.0) for m in self.members]
             s = sum(w)
             if s > 0:
@@ -128,7 +111,7 @@ class Predictor:
         return [1.0 / len(self.members)] * len(self.members)
 
     def _max_batch(self, member: Member) -> int:
-        mb = self.cfg.get("max_batch", "auto")
+        mb = self.cfg.max_batch
         if mb in (None, "auto"):
             runner = member.runner
             if getattr(runner, "device", None) is not None and runner.device.type == "cuda":
@@ -138,7 +121,7 @@ class Predictor:
 
     def _workers(self, members: Sequence[Member]) -> int:
         """Work items at once: 1 on CUDA (batched views instead), else one per core (max 4)."""
-        wk = self.cfg.get("workers", "auto")
+        wk = self.cfg.workers
         if any(getattr(m.runner, "device", None) is not None and m.runner.device.type == "cuda" for m in members):
             return 1
         if wk in (None, "auto"):
@@ -168,7 +151,7 @@ class Predictor:
         """
         k = mems[0].n_classes
         h, w = windows[0].shape[-2:]
-        stride = int(self.cfg["stride"])
+        stride = int(self.cfg.stride)
         items: List[Tuple[int, float, Any]] = []
         inputs: Dict[Tuple[int, float], torch.Tensor] = {}
         for mi, (member, x) in enumerate(zip(mems, windows)):
@@ -207,7 +190,7 @@ class Predictor:
         h, w = x.shape[-2:]
         total = torch.zeros((member.n_classes, h, w), dtype=torch.float32)
         n = 0
-        stride = int(self.cfg["stride"])
+        stride = int(self.cfg.stride)
         max_batch = self._max_batch(member)
         for s in scales:
             size = scaled_size(h, w, s, stride) if s != 1.0 else (h, w)
@@ -231,15 +214,15 @@ class Predictor:
         scales = self.scales if scales is None else scales
         mems = self.members if members is None else members
         weights = self._member_weights() if members is None else [1.0 / len(mems)] * len(mems)
-        stride = int(self.cfg["stride"])
+        stride = int(self.cfg.stride)
         _, H, W = image.shape
         workers = self._workers(mems)
         # normalisation is per pixel, so padding the raw tile once and normalising each window
         # per member equals padding each member's normalised tile (and holds one tile, not M)
         raw, _ = pad_to_multiple(image, stride)
         hp, wp = raw.shape[1:]
-        window = max(stride, int(self.cfg["window"]) // stride * stride)
-        plan = plan_windows(hp, wp, window, float(self.cfg["overlap"]))
+        window = max(stride, int(self.cfg.window) // stride * stride)
+        plan = plan_windows(hp, wp, window, float(self.cfg.overlap))
         wh, ww = plan[0][2:]  # every window of a plan has one size
         wmap = blend_weight(wh, ww) if len(plan) > 1 else None
         k = mems[0].n_classes
@@ -266,20 +249,15 @@ class Predictor:
 
     def masked(self, image: np.ndarray) -> Optional[np.ndarray]:
         """Pixels zero in every band: the masked area of the competition's tiles."""
-        if not self.cfg.get("masked_background", True):
+        if not self.cfg.masked_background:
             return None
         m = masked_pixels(image)
         return m if m.any() else None
 
-    def _argmax(self, probs: np.ndarray) -> np.ndarray:
-        scores = np.log(np.maximum(probs, 1e-8))
-        scores += self.bias.reshape(-1, 1, 1)
-        return scores.argmax(axis=0).astype(np.uint8)
-
     def decide(self, probs: np.ndarray, masked: Optional[np.ndarray] = None) -> np.ndarray:
         """Probabilities -> class ids: argmax of log p + bias, masked pixels to background,
         then post-processing."""
-        ids = self._argmax(probs)
+        ids = decide(probs, self.bias)
         if masked is not None:
             ids[masked] = 0
         return postprocess.apply(ids, self.rules, self.n_classes)
@@ -310,12 +288,12 @@ class Predictor:
         block by block (each with a context margin), so the working memory beyond the tile
         itself and its uint8 result is that of one block, whatever the tile's size."""
         _, H, W = image.shape
-        block = int(self.cfg.get("block") or 0)
+        block = int(self.cfg.block or 0)
         if block <= 0 or (H <= block and W <= block):
             probs = self.refine(self.predict_proba(image, views, scales, members), image)
             return self.decide(probs, self.masked(image))
-        stride = int(self.cfg["stride"])
-        margin = max(stride, int(self.cfg["window"]) // 8 // stride * stride)
+        stride = int(self.cfg.stride)
+        margin = max(stride, int(self.cfg.window) // 8 // stride * stride)
         ids = np.zeros((H, W), np.uint8)
         for y0 in range(0, H, block):
             for x0 in range(0, W, block):
@@ -323,8 +301,8 @@ class Predictor:
                 ya, xa, yb, xb = max(0, y0 - margin), max(0, x0 - margin), min(H, y1 + margin), min(W, x1 + margin)
                 crop = image[:, ya:yb, xa:xb]
                 probs = self.refine(self.predict_proba(crop, views, scales, members), crop)
-                core = self._argmax(probs)[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-                if self.cfg.get("masked_background", True):
+                core = decide(probs, self.bias)[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
+                if self.cfg.masked_background:
                     core[masked_pixels(image[:, y0:y1, x0:x1])] = 0
                 ids[y0:y1, x0:x1] = core
         return postprocess.apply(ids, self.rules, self.n_classes)

@@ -43,17 +43,13 @@ class InferenceSettings:
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]] = None) -> "InferenceSettings":
-        """Defaults updated with ``values`` (see the module docstring for None)."""
-        return cls().updated(values)
-
-    def updated(self, values: Optional[Mapping[str, Any]] = None) -> "InferenceSettings":
-        """A copy with ``values`` applied by the rule of :meth:`from_dict`."""
+        """The defaults with ``values`` applied (a stored payload's settings merged with any
+        overrides first: a None there means the default, except for ``bias``)."""
         values = dict(values or {})
-        unknown = sorted(set(values) - set(self.names()))
+        unknown = sorted(set(values) - set(cls.names()))
         if unknown:
-            raise ValueError(f"unknown inference settings {unknown}; known: {self.names()}")
-        keep = {k: v for k, v in values.items() if v is not None or k in NONE_IS_A_VALUE}
-        return dataclasses.replace(self, **keep)
+            raise ValueError(f"unknown inference settings {unknown}; known: {cls.names()}")
+        return cls(**{k: v for k, v in values.items() if v is not None or k in NONE_IS_A_VALUE})
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only (model.pth loads with ``weights_only=True``)."""

@@ -80,7 +80,8 @@ def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, back
           allow_int8, int8_min_agreement, max_mb, time_budget, test_tiles, check_data, single_file, device, max_members, tune,
           tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
-    from glacier_submit.bundle import BudgetError, build as do_build, render_manifest
+    from glacier_submit.bundle import BudgetError, build as do_build
+    from glacier_submit.manifest import render_manifest
     from training.engine.checkpoint import CheckpointError
 
     b = bias if bias in ("auto", "none") else _floats(bias, "--bias")
@@ -136,7 +137,7 @@ def export(models, out, fp16):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, bias, backend, device):
     """Predict masks with members or a bundle (the same runtime the bundle ships)."""
-    from glacier_submit.bundle import load_postprocess
+    from glacier_submit.postprocessing import load_postprocess
     from glacier_submit.members import load_members, make_payload
     from glacier_runtime.entry import predict_folder
     from glacier_runtime.predictor import Predictor, load_payload

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from glacier_submit.manifest import Manifest
 from glacier_submit.report import figures_available, render_report, write_report  # noqa: F401 (render_report re-exported)
 from glacier_submit.sandbox import RunResult, run_bundle
 from training.data.competition import CompetitionDataset
@@ -26,44 +27,44 @@ class LeakError(EvaluateError):
     pass
 
 
-def load_manifest(bundle: str) -> Dict[str, Any]:
-    path = os.path.join(bundle, "manifest.json")
-    if not os.path.isfile(path):
-        raise EvaluateError(f"{bundle} has no manifest.json; build it with `glacier-submit build`")
-    with open(path) as fh:
-        return json.load(fh)
+def load_manifest(bundle: str) -> Manifest:
+    try:
+        return Manifest.load(bundle)
+    except FileNotFoundError as exc:
+        raise EvaluateError(str(exc)) from None
 
 
-def leakage(manifest: Dict[str, Any], tiles: Sequence[str]) -> Dict[str, List[str]]:
+def leakage(manifest: Manifest, tiles: Sequence[str]) -> Dict[str, List[str]]:
     """Member name (or ``tuned <setting>``) -> evaluated tiles it trained on or was tuned on.
 
     Tuned settings come from the manifest's ``tuned_on_tiles`` ({setting: [tile ids]}, e.g.
     the bias tuned on out-of-fold predictions)."""
     out = {}
-    for m in manifest["members"]:
-        hit = sorted(set(tiles) & set(m.get("train_tiles", [])))
+    for m in manifest.members:
+        hit = sorted(set(tiles) & set(m.train_tiles or []))
         if hit:
-            out[m["name"]] = hit
-    for setting, seen in sorted((manifest.get("tuned_on_tiles") or {}).items()):
+            out[m.name] = hit
+    for setting, seen in sorted(manifest.tuned_on_tiles.items()):
         hit = sorted(set(tiles) & set(seen or []))
         if hit:
             out[f"tuned {setting}"] = hit
     return out
 
 
-def untracked_tuning(manifest: Dict[str, Any]) -> List[str]:
+def untracked_tuning(manifest: Manifest) -> List[str]:
     """Settings tuned on data whose tile ids the manifest does not record (older bundles)."""
-    tuned = manifest.get("tuned_on_tiles") or {}
-    bias = manifest.get("bias") or {}
-    if str(bias.get("mode", "")).startswith("tuned") and "bias" not in tuned:
-        return [f"the bias was tuned on {bias.get('oof_tiles', '?')} out-of-fold tiles that this manifest does not "
+    bias = manifest.bias
+    if str(bias.mode or "").startswith("tuned") and "bias" not in manifest.tuned_on_tiles:
+        return [f"the bias was tuned on {bias.oof_tiles if bias.oof_tiles is not None else '?'} out-of-fold tiles that this manifest does not "
                 "name: the leakage guard cannot check them; rebuild the bundle to record them"]
     return []
 
 
-def oof_hint(manifest: Dict[str, Any]) -> str:
-    for m in manifest["members"]:
-        p = os.path.join(os.path.dirname(m.get("source", "")), "cv_summary.json")
+def oof_hint(manifest: Manifest) -> str:
+    from training.rundir import RunDir
+
+    for folder in manifest.member_folders():
+        p = RunDir(folder).cv_summary_json
         if os.path.exists(p):
             with open(p) as fh:
                 s = json.load(fh)
@@ -126,7 +127,7 @@ def score(ds: CompetitionDataset, keys: Sequence[str], masks: Dict[str, np.ndarr
     return acc, per_tile, preds, problems, missing
 
 
-def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest: Dict[str, Any],
+def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest: Manifest,
               device: str = "cpu") -> List[Dict[str, Any]]:
     """MCC and time of variants built from the same members (in-process, same runtime code)."""
     from glacier_runtime.predictor import Predictor, load_payload
@@ -223,7 +224,7 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
             lines = [f"  {m}: {'tuned' if m.startswith('tuned ') else 'trained'} on {t}" for m, t in leaks.items()]
             msg = ("leaky evaluation refused: members trained on, or settings tuned on, evaluated tiles\n"
                    + "\n".join(lines) + "\n")
-            if sum(not m.startswith("tuned ") for m in leaks) == len(manifest["members"]) and fold is not None:
+            if sum(not m.startswith("tuned ") for m in leaks) == len(manifest.members) and fold is not None:
                 msg += ("A fold is only held out for members that never trained on it; a k-fold ensemble has no "
                         "clean fold." + oof_hint(manifest) + " ")
             msg += "Evaluate on unseen tiles, build a bundle from members that never saw this fold, or pass --allow-leak (the report is stamped LEAKY)."
@@ -242,15 +243,15 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         "bundle": os.path.abspath(bundle), "data": os.path.abspath(data), "tiles": keys, "convention": convention,
         "leaky": stamped, "leaks": leaks, "returncode": run.returncode, "timed_out": run.timed_out,
         "seconds": run.seconds, "seconds_per_tile": run.seconds / len(keys), "peak_rss_mb": run.peak_rss_mb,
-        "time_budget_s": manifest.get("budget", {}).get("time_budget_s"), "date": time.strftime("%Y-%m-%d %H:%M"),
-        "notes": notes, "tuning_decisions": (manifest.get("tuning") or {}).get("decisions"),
+        "time_budget_s": manifest.budget.time_budget_s, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "notes": notes, "tuning_decisions": (manifest.tuning or {}).get("decisions"),
     }
     if not run.ok:
         report["stderr_tail"] = run.tail(3000)
         _write_json(os.path.join(out, "report.json"), report)
         why = "timed out" if run.timed_out else f"exited with code {run.returncode}"
         raise EvaluateError(f"the bundle {why} under the {convention} convention. Last output:\n{run.tail(1500)}")
-    values = manifest["class_map"]["values"]
+    values = manifest.class_values
     report["mask_count"] = len(run.masks)
     if ds.has_labels:
         acc, per_tile, preds, problems, missing = score(ds, keys, run.masks, values)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -97,3 +97,30 @@ def export_member(entry: Dict[str, Any], fp16: bool = False, tolerance: float = 
 def onnx_tensor(data: bytes) -> torch.Tensor:
     """ONNX bytes stored as a uint8 tensor (loads with torch.load(weights_only=True))."""
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+
+
+def attach_onnx(entry: Dict[str, Any], parity_report: Dict[str, Any]) -> None:
+    """Export the member to ONNX (parity-checked against torch) into ``entry["onnx"]``."""
+    res = export_member(entry)
+    entry["onnx"] = onnx_tensor(res["onnx"])
+    parity_report[entry["name"]] = res["parity"]
+
+
+def prepare_backend(entries: List[Dict[str, Any]], backend: str) -> Tuple[str, Dict[str, Any]]:
+    """Resolve ``auto`` (pure torch when every member has a runtime twin); for ONNX, export
+    every member (parity-checked) into its entry."""
+    from training.models import runtime_supports
+
+    supported = all(runtime_supports(e["spec"]) for e in entries)
+    if backend == "auto":
+        backend = "torch" if supported else "onnx"
+    if backend == "torch" and not supported:
+        bad = [e["name"] for e in entries if not runtime_supports(e["spec"])]
+        raise ValueError(f"members {bad} have no pure-torch runtime twin; build with --backend onnx")
+    parity_report: Dict[str, Any] = {}
+    if backend == "onnx":
+        for e in entries:
+            attach_onnx(e, parity_report)
+            if not runtime_supports(e["spec"]):
+                e["state_dict"] = {}
+    return backend, parity_report

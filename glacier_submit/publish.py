@@ -10,10 +10,13 @@ single-file solution.py).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import tempfile
-from typing import Dict, List
+import zipfile
+from typing import Dict, List, Optional
 
 from glacier_runtime.atomic import TEMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_temps
 
@@ -101,3 +104,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def zip_bundle(src_bytes: bytes, blob: Optional[bytes]) -> bytes:
+    """submission.zip: solution.py (and model.pth unless it is embedded), stored uncompressed."""
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("solution.py", src_bytes)
+        if blob is not None:
+            z.writestr("model.pth", blob)
+    return zbuf.getvalue()

@@ -219,3 +219,79 @@ def onnxruntime_version() -> Optional[str]:
         return str(onnxruntime.__version__)
     except ImportError:  # pragma: no cover
         return None
+
+
+# ---- the build's int8 policy: when int8 is asked for, allowed, chosen or refused ----------------
+def int8_backend(backend: str, calib: Optional[str], notes: List[str]) -> str:
+    """int8 runs as an ONNX graph in onnxruntime: ``auto`` becomes ``onnx`` (noted), ``torch`` is
+    refused; calibration data must be given. Checked before any export."""
+    if backend == "torch":
+        raise Int8Error("--precision int8 runs only on the ONNX backend (int8 graphs run in onnxruntime; the "
+                        "pure-torch runtime is fp32/fp16): use --backend onnx or auto, or drop --precision int8")
+    check_calib_data(calib)
+    if backend == "auto":
+        notes.append("--precision int8: backend onnx (int8 graphs run in onnxruntime; solution.py asks for it "
+                     "with '# pip install onnxruntime')")
+    return "onnx"
+
+
+def check_allow_int8(precision: str, backend: str, time_budget: Optional[float], calib: Optional[str]) -> None:
+    """``--allow-int8`` is a permission for ``--time-budget``; refuse combinations it cannot serve."""
+    if time_budget is None:
+        raise Int8Error("--allow-int8 lets --time-budget switch to int8; give --time-budget SECONDS, or build int8 "
+                        "outright with --precision int8")
+    if precision == "fp16":
+        raise Int8Error("--allow-int8 goes with --precision auto or fp32 (got fp16)")
+    if backend == "torch":
+        raise Int8Error("--allow-int8 needs the ONNX backend (int8 graphs run in onnxruntime): use --backend auto "
+                        "or onnx")
+    check_calib_data(calib)
+
+
+def int8_agreement(payload: Dict[str, Any], fp32_blobs: Dict[str, Any], calib_used: Dict[str, List[str]],
+                   calib: str, tile: np.ndarray, min_agreement: float) -> Dict[str, Any]:
+    """Measure int8 vs fp32 class-map agreement of the kept members; refuse below the threshold."""
+    names, images = agreement_tiles(payload["members"], calib, tile)
+    res = measure_agreement(payload, fp32_blobs, images)
+    check_agreement(res, min_agreement, names)
+    kept = {e["name"] for e in payload["members"]}
+    return {"method": METHOD, "onnxruntime": onnxruntime_version(), "calib_data": os.path.abspath(calib),
+            "calibration_tiles": {k: v for k, v in calib_used.items() if k in kept},
+            "agreement": res["ensemble"], "member_agreement": res["members"], "agreement_tiles": names,
+            "agreement_setting": "no TTA, bias or post-processing", "min_agreement": min_agreement}
+
+
+def consider_int8(payload: Dict[str, Any], tile: np.ndarray, device: str, time_budget: float, calib: str,
+                  min_agreement: float, parity_report: Dict[str, Any], notes: List[str]):
+    """``--allow-int8``: when the requested setting exceeds ``time_budget`` in fp32, quantise the
+    kept members and use int8 if it passes the agreement check and is faster. Returns
+    (int8 payload, int8 manifest info) or None (fp32 kept; the note says why)."""
+    from glacier_submit import timing
+    from glacier_submit.export import attach_onnx
+
+    over = {"tta": payload["inference"]["tta"], "scales": payload["inference"]["scales"]}
+    t32 = timing.time_predictor(payload, tile, device, over)["tile_s"]
+    if t32 <= time_budget:
+        notes.append(f"--allow-int8: fp32 fits the time budget ({t32:.2f} s <= {time_budget:.2f} s per tile): "
+                     "kept fp32")
+        return None
+    members = [dict(e) for e in payload["members"]]
+    for e in members:
+        if e.get("onnx") is None:
+            attach_onnx(e, parity_report)
+    used, blobs = quantize_entries(members, calib)
+    p8 = dict(payload, members=members)
+    head = f"--allow-int8: fp32 takes {t32:.2f} s per tile > the {time_budget:.2f} s budget"
+    try:
+        info = int8_agreement(p8, blobs, used, calib, tile, min_agreement)
+    except Int8Error as exc:
+        notes.append(f"{head}; int8 not used ({exc})")
+        return None
+    t8 = timing.time_predictor(p8, tile, device, over)["tile_s"]
+    if t8 >= t32:
+        notes.append(f"{head}; int8 not used: it takes {t8:.2f} s, no faster on this device")
+        return None
+    info.update(fp32_tile_s=round(t32, 3), int8_tile_s=round(t8, 3), chosen_by="--time-budget with --allow-int8")
+    notes.append(f"{head}; int8 takes {t8:.2f} s with {100 * info['agreement']:.3f} % pixel agreement "
+                 f"(>= {min_agreement:g} %): built in int8, backend onnx (needs onnxruntime where it runs)")
+    return p8, info

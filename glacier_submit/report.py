@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from glacier_runtime.atomic import atomic_write_text, atomic_write_with
+from glacier_submit.manifest import Manifest
 
 COLOURS = np.array([[40, 40, 40], [120, 200, 255], [190, 120, 50], [20, 60, 230]], np.uint8)
 
@@ -31,7 +32,7 @@ def figures_available() -> bool:
 
 
 def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
-                 manifest: Dict[str, Any], max_tiles: int = 6, figures: bool = True) -> List[str]:
+                 manifest: Manifest, max_tiles: int = 6, figures: bool = True) -> List[str]:
     """report.md and report.html, with PNG figures when ``figures`` (needs matplotlib)."""
     figs = _write_figures(out, r, ds, keys, preds, max_tiles) if figures else []
     figs += training_curves(out, manifest)
@@ -39,15 +40,16 @@ def write_report(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Di
     return figs
 
 
-def training_curves(out: str, manifest: Dict[str, Any]) -> List[str]:
+def training_curves(out: str, manifest: Manifest) -> List[str]:
     """The members' training curves (``curves.png`` written by ``glacier-train cv`` beside
     them), copied into the report when the members' folder is still there."""
     from glacier_runtime.atomic import atomic_write_bytes
 
+    from training.rundir import RunDir
+
     found: List[str] = []
-    folders = sorted({os.path.dirname(str(m["source"])) for m in manifest.get("members", []) if m.get("source")})
-    for i, folder in enumerate(folders):
-        src = os.path.join(folder, "curves.png")
+    for i, folder in enumerate(manifest.member_folders()):
+        src = RunDir(folder).curves_png
         if os.path.isfile(src):
             dst = os.path.join(out, "figures", "curves.png" if i == 0 else f"curves_{i}.png")
             with open(src, "rb") as fh:
@@ -121,13 +123,13 @@ def _write_figures(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: 
     return figs
 
 
-def _write_md_html(out: str, r: Dict[str, Any], manifest: Dict[str, Any], figs: List[str]) -> None:
+def _write_md_html(out: str, r: Dict[str, Any], manifest: Manifest, figs: List[str]) -> None:
     rel = [os.path.relpath(f, out) for f in figs]
     md = ["# Evaluation report", ""]
     if r.get("leaky"):
         md += ["**LEAKY EVALUATION**: members trained on evaluated tiles; this score is optimistic.", ""]
-    md += [f"- bundle: `{r['bundle']}` ({len(manifest['members'])} members, TTA {len(manifest['tta'])} views x "
-           f"scales {manifest['scales']})", f"- data: `{r['data']}`, {len(r['tiles'])} tiles, convention `{r['convention']}`",
+    md += [f"- bundle: `{r['bundle']}` ({len(manifest.members)} members, TTA {len(manifest.tta)} views x "
+           f"scales {manifest.scales})", f"- data: `{r['data']}`, {len(r['tiles'])} tiles, convention `{r['convention']}`",
            f"- date: {r['date']}", "", "```", render_report(r), "```", ""]
     if r.get("ablations"):
         md += ["## Ablations", "", "| variant | MCC | ΔMCC | s/tile | Δs/tile | forward views |", "|---|---|---|---|---|---|"]
@@ -168,7 +170,7 @@ def render_report(r: Dict[str, Any]) -> str:
 
         lines += ["", "graded against training/reporting/targets.yaml (evaluate):", render_grade(r["grade"]), ""]
     if r.get("tuning_decisions"):
-        from glacier_submit.tune import render_decision_rows
+        from glacier_submit.tuning.decisions import render_decision_rows
 
         lines += ["decisions of build --tune oof (taken on the training region's out-of-fold predictions):"]
         lines += render_decision_rows(r["tuning_decisions"]) + [""]

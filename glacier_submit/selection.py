@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 MB = 1024 * 1024
+#: How members are chosen under the size budget, as the manifest records it.
+SELECTION_DOC = ("strongest by validation MCC, each fold's strongest first, kept while the upload fits "
+                 "--max-mb and --max-members (greedy); fp16 first when fp32 does not fit")
 
 
 def _rank_key(row: Dict[str, Any]):

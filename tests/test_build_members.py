@@ -57,7 +57,7 @@ def _bundle_bytes(out: str) -> int:
 def _check_choice(paths, out, max_mb, m, n_kept, n_folds):
     """Budget met, every fold represented, and the kept set equals a hand-computed oracle:
     the strongest of each fold, then the strongest of the rest."""
-    from glacier_submit.bundle import render_manifest
+    from glacier_submit.manifest import render_manifest
     from glacier_runtime.predictor import load_payload
 
     assert _bundle_bytes(out) <= max_mb * MB
@@ -298,7 +298,7 @@ def test_out_with_foreign_files_is_refused_untouched(tiny_members, tmp_path):
 # ---- check tile -----------------------------------------------------------------------------
 
 def test_check_tile_needs_no_synthetic_generator(tiny_members, tmp_path, monkeypatch):
-    from glacier_submit.bundle import check_tile
+    from glacier_submit.timing import check_tile
 
     monkeypatch.setitem(sys.modules, "training.data.synth", None)  # importing it now fails
     stats = torch.load(tiny_members[0], weights_only=False)["stats"]

@@ -38,7 +38,8 @@ def oof_members(synth_data, tmp_path_factory):
 
 
 def test_build_tune_oof_records_decisions_and_tiles(oof_members, synth_data, tmp_path):
-    from glacier_submit.bundle import build, render_manifest
+    from glacier_submit.bundle import build
+    from glacier_submit.manifest import render_manifest
 
     wdir, paths, keys = oof_members
     lines = []
@@ -64,11 +65,12 @@ def test_build_tune_oof_records_decisions_and_tiles(oof_members, synth_data, tmp
 def test_tuned_bundle_refuses_leaky_evaluation(oof_members, synth_data, tmp_path):
     from glacier_submit.bundle import build
     from glacier_submit.evaluate import leakage
+    from glacier_submit.manifest import Manifest
 
     _, paths, keys = oof_members
     m = build(paths, str(tmp_path / "b"), tune="oof", check_size=(64, 64))
-    assert "tuned tuning" in leakage(m, keys[:1])
-    assert leakage(m, ["99_99"]) == {}
+    assert "tuned tuning" in leakage(Manifest.from_dict(m), keys[:1])
+    assert leakage(Manifest.from_dict(m), ["99_99"]) == {}
     # the evaluation report repeats each decision (value kept, gain, interval, why)
     from glacier_submit.report import render_report
 

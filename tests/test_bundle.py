@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from glacier_submit.bundle import BudgetError, build, candidate_settings
+from glacier_submit.bundle import BudgetError, build
+from glacier_submit.timing import candidate_settings
 from glacier_submit.members import load_members
 from glacier_submit.sandbox import CONVENTIONS, run_bundle
 from glacier_runtime.entry import predict_folder
@@ -138,7 +139,7 @@ def test_size_budget_fp16_then_refusal(tiny_members, tmp_path):
 
 
 def _views_timer(per_view_s, tried):
-    """A stand-in for bundle.time_predictor: ``per_view_s`` per forward view, counted by the
+    """A stand-in for timing.time_predictor: ``per_view_s`` per forward view, counted by the
     real Predictor for the settings asked (no tile is run)."""
     def timer(payload, tile, device="cpu", overrides=None, repeats=1):
         views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
@@ -150,11 +151,11 @@ def _views_timer(per_view_s, tried):
 def test_time_budget_drops_tta_in_order(tiny_members, tmp_path, monkeypatch):
     """No setting fits: every cheaper setting is tried in the documented order, the cheapest kept,
     then the weakest member goes (one forward view left) and the note says even that is too slow."""
-    import glacier_submit.bundle as bundle_mod
+    import glacier_submit.timing as timing_mod
 
     assert [c[0] for c in candidate_settings("d4", [0.75, 1.0])] == ["d4", "d4", "flips", "none"]
     tried = []
-    monkeypatch.setattr(bundle_mod, "time_predictor", _views_timer(1.0, tried))
+    monkeypatch.setattr(timing_mod, "time_predictor", _views_timer(1.0, tried))
     m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=0.5, bias="none")
     assert [t[:2] for t in tried] == [("d4", [0.75, 1.0]), ("d4", [1.0]), ("flips", [1.0]), ("none", [1.0]),
                                       ("none", [1.0])]
@@ -167,10 +168,10 @@ def test_time_budget_drops_tta_in_order(tiny_members, tmp_path, monkeypatch):
 def test_time_budget_stops_at_the_first_setting_that_fits(tiny_members, tmp_path, monkeypatch):
     """A patched timer (0.1 s per forward view) and a 1 s budget: d4 x 2 scales (32 views)
     and d4 (16) are too slow, flips (6 views for 2 members) fits, so 'none' is never tried."""
-    import glacier_submit.bundle as bundle_mod
+    import glacier_submit.timing as timing_mod
 
     tried = []
-    monkeypatch.setattr(bundle_mod, "time_predictor", _views_timer(0.1, tried))
+    monkeypatch.setattr(timing_mod, "time_predictor", _views_timer(0.1, tried))
     m = build(tiny_members, str(tmp_path / "tb"), tta="d4", scales=[0.75, 1.0], time_budget=1.0, bias="none")
     assert tried == [("d4", [0.75, 1.0], 32), ("d4", [1.0], 16), ("flips", [1.0], 6)]
     assert m["tta"] == ["identity", "hflip", "vflip"] and m["scales"] == [1.0]
@@ -282,21 +283,18 @@ def test_default_bias_auto_is_the_regularised_fit():
     assert bias[3] < 0 and after > before + 0.1
 
 
-def test_bias_auto_is_not_fitted_under_crf(tiny_members, tmp_path):
+def test_bias_auto_is_not_fitted_under_crf(tmp_path):
     """The saved OOF probabilities are the CRF's input; the runtime adds the bias to its
     output. --bias auto fits (and records) a bias without --crf, and leaves it at 0 with a
     note under --crf, on the same members and OOF files."""
-    import shutil
-
     wdir = tmp_path / "w"
     (wdir / "oof" / "labels").mkdir(parents=True)
     models = []
     rng = np.random.default_rng(0)
-    for i, src in enumerate(tiny_members[:2]):
-        dst = wdir / os.path.basename(src)
-        shutil.copy(src, dst)
-        models.append(str(dst))
-        name = os.path.basename(src)[:-3]
+    for i in range(2):  # each member's OOF tiles are its validation tiles, as `cv` writes them
+        name = f"fold{i}_seed0"
+        models.append(make_member(str(wdir / f"{name}.pt"), seed=i, fold=i, train_tiles=[f"0{i}_00"],
+                                  val_tiles=[f"t{i}0", f"t{i}1"]))
         (wdir / "oof" / name).mkdir()
         for t in range(2):
             lab = rng.choice(4, (40, 40), p=[0.8, 0.15, 0.04, 0.01])

@@ -209,7 +209,7 @@ def test_graph_only_member_without_onnxruntime_says_what_to_do(int8_bundle, monk
 
 
 def _precision_timer(per_view_s, int8_factor, tried):
-    """A stand-in for bundle.time_predictor: ``per_view_s`` per forward view (counted by the real
+    """A stand-in for timing.time_predictor: ``per_view_s`` per forward view (counted by the real
     Predictor), times ``int8_factor`` when the payload's members are int8 graphs."""
     def timer(payload, tile, device="cpu", overrides=None, repeats=1):
         views = Predictor.from_payload(payload, overrides=overrides).n_forward_views
@@ -222,11 +222,11 @@ def _precision_timer(per_view_s, int8_factor, tried):
 def test_time_budget_uses_int8_only_when_allowed(calib_members, synth_data, tmp_path, monkeypatch):
     """flips x 2 members = 6 views at 0.1 s: 0.6 s > the 0.5 s budget in fp32, 0.18 s in int8.
     Without --allow-int8 the TTA is cut; with it the build switches to int8 and keeps flips."""
-    import glacier_submit.bundle as bundle_mod
+    import glacier_submit.timing as timing_mod
 
     calib = os.path.join(synth_data, "train")
     tried = []
-    monkeypatch.setattr(bundle_mod, "time_predictor", _precision_timer(0.1, 0.3, tried))
+    monkeypatch.setattr(timing_mod, "time_predictor", _precision_timer(0.1, 0.3, tried))
     m = build(calib_members, str(tmp_path / "no"), tta="flips", time_budget=0.5, bias="none", check_size=(64, 64))
     assert m["runtime"]["precision"] == "fp32" and m["tta"] == ["identity"]
     assert all(t[2] == "fp32" for t in tried)
@@ -245,9 +245,9 @@ def test_time_budget_uses_int8_only_when_allowed(calib_members, synth_data, tmp_
 
 @pytest.mark.slow
 def test_time_budget_int8_below_agreement_keeps_fp32(calib_members, synth_data, tmp_path, monkeypatch):
-    import glacier_submit.bundle as bundle_mod
+    import glacier_submit.timing as timing_mod
 
-    monkeypatch.setattr(bundle_mod, "time_predictor", _precision_timer(0.1, 0.3, []))
+    monkeypatch.setattr(timing_mod, "time_predictor", _precision_timer(0.1, 0.3, []))
     m = build(calib_members[:1], str(tmp_path / "r"), tta="flips", time_budget=0.2, bias="none", check_size=(64, 64),
               allow_int8=True, calib_data=os.path.join(synth_data, "train"), int8_min_agreement=100.0)
     assert m["runtime"]["precision"] == "fp32" and m["tta"] == ["identity"]

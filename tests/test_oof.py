@@ -6,7 +6,7 @@ from sklearn.metrics import matthews_corrcoef
 
 from glacier_runtime.normalize import masked_pixels
 from glacier_runtime.predictor import Predictor
-from training.runs.cv import oof_score
+from training.runs.summary import oof_score
 
 
 class _LabelsOnly:

@@ -19,7 +19,7 @@ def _pyproject():
 
 
 def test_presets_are_package_data(tmp_path, monkeypatch):
-    from glacier_submit.bundle import load_postprocess, preset_names
+    from glacier_submit.postprocessing import load_postprocess, preset_names
 
     monkeypatch.chdir(tmp_path)  # not the checkout
     assert preset_names() == ["competition", "light", "none"]

@@ -155,7 +155,9 @@ def test_member_from_other_folds_stops_the_run(synth_data, folds_file, tmp_path)
 def test_force_retrain_removes_stale_members_and_their_oof(tmp_path, folds_file):
     from tests.conftest import make_member
     from training.config import load_config
-    from training.runs.cv import CvError, prune_oof, resolve_members, stale_members
+    from training.rundir import RunDir
+    from training.runs.members import resolve_members, stale_members
+    from training.runs.run import CvError
 
     folds = json.load(open(folds_file))
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml")).model_dump()
@@ -180,7 +182,7 @@ def test_force_retrain_removes_stale_members_and_their_oof(tmp_path, folds_file)
     said = []
     resolve_members(str(tmp_path), folds, folds_file, cfg, force=True, echo=said.append)
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["fold0_seed0.pt"]
-    prune_oof(str(tmp_path), folds)
+    RunDir(str(tmp_path)).prune_oof(k for f in folds["folds"] for k in f["val"])
     assert os.listdir(tmp_path / "oof") == ["fold0_seed0"]  # exactly the members present
 
 

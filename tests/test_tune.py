@@ -3,8 +3,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
 
-from glacier_submit.tune import (BIAS_GRID, OOFSet, bootstrap_gain, fit_bias, mcc_batch, render_decisions,
-                                 tile_confusions, tune)
+from glacier_submit.tuning.bias import BIAS_GRID, fit_bias
+from glacier_submit.tuning.decisions import render_decisions, tune
+from glacier_submit.tuning.stats import bootstrap_gain
+from training.metrics import mcc_batch, tile_confusions
+from training.rundir import OOFSet
 
 K = 4
 LIGHT = [{"rule": "min_area", "class": c, "min_area": 6} for c in (3, 2, 1)]

@@ -24,19 +24,34 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def mcc_batch(cms: np.ndarray) -> np.ndarray:
+    """Multi-class MCC (Gorodkin's R_K, as sklearn computes it) of a stack of confusion
+    matrices ``(..., K, K)`` (rows = truth), in float64; 0 where it is undefined (one class
+    only in the truth or in the prediction)."""
+    cms = np.asarray(cms, np.float64)
+    t = cms.sum(-1)
+    p = cms.sum(-2)
+    c = np.trace(cms, axis1=-2, axis2=-1)
+    s = cms.sum((-2, -1))
+    cov_tp = c * s - (t * p).sum(-1)
+    cov_pp = s * s - (p * p).sum(-1)
+    cov_tt = s * s - (t * t).sum(-1)
+    den = np.sqrt(cov_tt * cov_pp)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, cov_tp / np.where(den > 0, den, 1.0), 0.0)
+
+
 def mcc_from_confusion(cm: np.ndarray) -> float:
-    """Multi-class MCC (Gorodkin's R_K), exactly as sklearn computes it."""
-    cm = np.asarray(cm, dtype=np.int64)
-    t = [int(v) for v in cm.sum(axis=1)]
-    p = [int(v) for v in cm.sum(axis=0)]
-    c = int(np.trace(cm))
-    s = int(cm.sum())
-    cov_tp = c * s - sum(a * b for a, b in zip(t, p))
-    cov_pp = s * s - sum(b * b for b in p)
-    cov_tt = s * s - sum(a * a for a in t)
-    if cov_pp == 0 or cov_tt == 0:
-        return 0.0
-    return float(cov_tp / math.sqrt(float(cov_tt) * float(cov_pp)))
+    """Multi-class MCC of one confusion matrix (:func:`mcc_batch`)."""
+    return float(mcc_batch(cm))
+
+
+def tile_confusions(preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """(T, K, K) confusion matrices, one per tile (rows = truth), for bootstraps over tiles."""
+    out = np.zeros((len(preds), k, k), np.int64)
+    for i, (p, y) in enumerate(zip(preds, labels)):
+        out[i] = confusion(y, p, k)
+    return out
 
 
 def _binary_counts(cm: np.ndarray, k: int):

@@ -177,6 +177,16 @@ class OOFMember:
         return cls(RunDir.of_member(meta["source"]), name, int(meta["fold"]), tuple(meta.get("val_tiles") or ()),
                    tuple(meta.get("train_tiles") or ()))
 
+    @classmethod
+    def from_folder(cls, run: RunDir, name: str) -> "OOFMember":
+        """From the files alone (no checkpoint read): the tiles of ``oof/<name>/``; the fold
+        from the name (``fold3_seed0`` -> 3, else -1)."""
+        d = run.oof_dir(name)
+        tiles = tuple(sorted(f[:-4] for f in os.listdir(d) if f.endswith(".npy") and not f.startswith("."))
+                      ) if os.path.isdir(d) else ()
+        fs = parse_member(name + ".pt")
+        return cls(run, name, fs[0] if fs else -1, tiles)
+
 
 @dataclass
 class OOFSet:
@@ -195,13 +205,14 @@ class OOFSet:
         return np.mean(ps, 0) if ps else None
 
 
-def read_oof(members: Sequence[OOFMember]) -> OOFSet:
+def read_oof(members: Sequence[OOFMember], labels: bool = True) -> OOFSet:
     """Read the out-of-fold arrays of ``members``.
 
-    A tile counts when it has a label file and a member of its own fold (``val_tiles`` holds
-    it, ``train_tiles`` does not) has its probabilities; members keep the order given."""
+    A tile counts when a member of its own fold (``val_tiles`` holds it, ``train_tiles`` does
+    not) has its probabilities and, with ``labels``, when its label file is there too (without,
+    the caller brings the labels: ``OOFSet.labels`` stays empty). Members keep the order given."""
     probs: Dict[str, Dict[str, np.ndarray]] = {}
-    labels: Dict[str, np.ndarray] = {}
+    found: Dict[str, np.ndarray] = {}
     fold_of: Dict[str, int] = {}
     members_of_fold: Dict[int, List[str]] = {}
     for m in members:
@@ -211,13 +222,14 @@ def read_oof(members: Sequence[OOFMember]) -> OOFSet:
         train = set(m.train_tiles)
         for key in m.val_tiles:
             f, lab = m.run.oof_file(m.name, key), m.run.label_file(key)
-            if key in train or not (os.path.isfile(f) and os.path.isfile(lab)):
+            if key in train or not os.path.isfile(f) or (labels and not os.path.isfile(lab)):
                 continue
             probs.setdefault(m.name, {})[key] = np.load(f).astype(np.float32)
-            if key not in labels:
-                labels[key] = np.load(lab).astype(np.int64)
+            if key not in fold_of:
                 fold_of[key] = m.fold
-    return OOFSet(keys=sorted(labels), labels=labels, fold_of=fold_of, probs=probs, members_of_fold=members_of_fold)
+                if labels:
+                    found[key] = np.load(lab).astype(np.int64)
+    return OOFSet(keys=sorted(fold_of), labels=found, fold_of=fold_of, probs=probs, members_of_fold=members_of_fold)
 
 
 def fold_members(run: RunDir, folds: Mapping, seeds: Sequence[int]) -> List[OOFMember]:

@@ -7,11 +7,11 @@ so that it does not run to the grid's edge on noise (docs/DECISIONS.md).
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from glacier_runtime.decision import biased_argmax
 from training.metrics import confusion, mcc_from_confusion
 
 
@@ -20,8 +20,8 @@ BIAS_GRID = tuple(np.round(np.arange(-1.0, 2.01, 0.25), 2))
 
 
 def _mcc_with(logp: np.ndarray, y: np.ndarray, bias: np.ndarray) -> float:
-    pred = (logp + bias).argmax(1)
-    return mcc_from_confusion(confusion(y, pred, logp.shape[1]))
+    """MCC of the runtime's decision (glacier_runtime/decision.py) on (N, K) log-probabilities."""
+    return mcc_from_confusion(confusion(y, biased_argmax(logp, bias, axis=1), logp.shape[1]))
 
 
 def fit_bias(logp: np.ndarray, y: np.ndarray, grid: Sequence[float] = BIAS_GRID, rounds: int = 2,
@@ -83,22 +83,3 @@ def tune_bias(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], grid: S
     after = _mcc_with(lp, y, np.asarray(bias, np.float32))
     return bias, float(before), float(after)
 
-
-def load_oof(weights_dir: str, member_names: Sequence[str]) -> Tuple[List[np.ndarray], List[np.ndarray], List[str]]:
-    """OOF probabilities of the given members (mean over members sharing a tile) + labels."""
-    per_tile: Dict[str, List[np.ndarray]] = {}
-    for name in member_names:
-        d = os.path.join(weights_dir, "oof", name)
-        if not os.path.isdir(d):
-            continue
-        for f in sorted(os.listdir(d)):
-            if f.endswith(".npy") and not f.startswith("."):
-                per_tile.setdefault(f[:-4], []).append(np.load(os.path.join(d, f)).astype(np.float32))
-    probs, labels, keys = [], [], []
-    for key, ps in sorted(per_tile.items()):
-        lab = os.path.join(weights_dir, "oof", "labels", f"{key}.npy")
-        if os.path.exists(lab):
-            probs.append(np.mean(ps, 0))
-            labels.append(np.load(lab))
-            keys.append(key)
-    return probs, labels, keys

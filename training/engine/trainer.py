@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from glacier_runtime.atomic import atomic_write_with
 from glacier_runtime.classes import class_map
 from glacier_runtime.normalize import normalize
 from glacier_runtime.tiles import BAND_FOLDERS
 from training.data.augment import build_augment
 from training.engine.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
+from training.rundir import RunDir, member_name
 from training.data.patches import PatchDataset
 from training.engine.distributed import DistContext
 from training.engine.guards import (SKIPPED, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory, NonFiniteMonitor,
@@ -503,7 +503,7 @@ class Trainer:
                      "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs,
                      "guards": self.guard_state()},
                     self.last_path)
-        _write_csv(os.path.join(self.out_dir, "logs", f"fold{self.fold}_seed{self.seed}.csv"), self.history)
+        _write_csv(RunDir(self.out_dir).log_csv(member_name(self.fold, self.seed)), self.history)
 
     # ---- finalise ---------------------------------------------------------------------------
     def finalise(self) -> Dict[str, Any]:
@@ -538,11 +538,7 @@ class Trainer:
         return result
 
     def write_oof(self, probs: Dict[str, np.ndarray]) -> None:
-        oof_dir = os.path.join(self.out_dir, "oof", f"fold{self.fold}_seed{self.seed}")
-        lab_dir = os.path.join(self.out_dir, "oof", "labels")
-        for key, p in probs.items():
-            for folder, arr in ((oof_dir, p), (lab_dir, self.val_labels[key])):
-                atomic_write_with(os.path.join(folder, f"{key}.npy"), lambda tmp, a=arr: np.save(tmp, a))
+        RunDir(self.out_dir).write_oof(member_name(self.fold, self.seed), probs, self.val_labels)
 
     # ---- the whole run ----------------------------------------------------------------------
     def fit(self, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:

@@ -28,7 +28,9 @@ def _num(v: str) -> Optional[float]:
 def read_histories(weights_dir: str) -> Dict[str, History]:
     """``{member name: [per-epoch row]}`` from ``weights_dir/logs/*.csv`` (numbers only)."""
     out: Dict[str, History] = {}
-    for path in sorted(glob.glob(os.path.join(weights_dir, "logs", "*.csv"))):
+    from training.rundir import RunDir
+
+    for path in sorted(glob.glob(os.path.join(RunDir(weights_dir).logs_dir, "*.csv"))):
         rows: History = []
         with open(path, newline="") as fh:
             for r in csv.DictReader(fh):
