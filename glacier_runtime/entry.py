@@ -87,6 +87,35 @@ def _progress(items, total: int):
         return items
 
 
+def _predict_tile(predictor, key: str, paths: Mapping[str, str]):
+    """(mask or None, how): ``ok``, ``fallback`` (a lesser prediction or background) or
+    ``failed`` (no band readable, or too large). Never raises for a bad tile."""
+    first = paths.get("Band1") or next(iter(paths.values()))
+    try:
+        image = read_tile(paths, BAND_FOLDERS)
+        mask, note = predictor.predict_pixels_safe(image, name=os.path.basename(first))
+        del image
+        return mask, ("fallback" if note else "ok")
+    except TileTooLargeError as exc:
+        log.error("%s: %s; no mask for this tile", key, exc)
+        return None, "failed"
+    except (TileReadError, OSError, ValueError, MemoryError) as exc:
+        what = "out of memory reading it" if isinstance(exc, MemoryError) else str(exc)
+        shape = _tile_shape(paths)
+        if shape is None:
+            log.error("%s: no band of this tile can be read (%s); skipped", key, what)
+            return None, "failed"
+        log.warning("%s: %s; writing background", key, what)
+        return np.zeros(shape, np.uint8), "fallback"
+
+
+def _prepare_out(out_dir: Optional[str]) -> None:
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in remove_stale_temps(out_dir):
+            log.warning("removed a temporary file left by an earlier, killed run: %s", stale)
+
+
 def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None,
                    progress: bool = True, report: Optional[Dict[str, Any]] = None) -> Dict[str, np.ndarray]:
     """Predict every tile of a folder or band dict; one bad tile never aborts the run.
@@ -101,47 +130,28 @@ def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir:
     for p in problems:
         log.warning(p)
     ids = tile_ids(tiles)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        for stale in remove_stale_temps(out_dir):
-            log.warning("removed a temporary file left by an earlier, killed run: %s", stale)
+    _prepare_out(out_dir)
     results: Dict[str, np.ndarray] = {}
     fallback: list = []
     failed: list = []
     start = time.time()
     items = _progress(tiles.items(), len(tiles)) if progress else tiles.items()
     for key, paths in items:
-        first = paths.get("Band1") or next(iter(paths.values()))
-        tid = ids[key]
-        try:
-            image = read_tile(paths, BAND_FOLDERS)
-            mask, note = predictor.predict_pixels_safe(image, name=os.path.basename(first))
-            del image
-            if note:
-                fallback.append(key)
-        except TileTooLargeError as exc:
-            log.error("%s: %s; no mask for this tile", key, exc)
+        mask, how = _predict_tile(predictor, key, paths)
+        if mask is None:
             failed.append(key)
             continue
-        except (TileReadError, OSError, ValueError, MemoryError) as exc:
-            what = "out of memory reading it" if isinstance(exc, MemoryError) else str(exc)
-            shape = _tile_shape(paths)
-            if shape is None:
-                log.error("%s: no band of this tile can be read (%s); skipped", key, what)
-                failed.append(key)
-                continue
-            log.warning("%s: %s; writing background", key, what)
-            mask = np.zeros(shape, np.uint8)
-            fallback.append(key)
-        results[tid] = mask
+        results[ids[key]] = mask
         if out_dir:
+            first = paths.get("Band1") or next(iter(paths.values()))
             try:
                 write_mask(os.path.join(out_dir, os.path.basename(first)), mask)
             except (OSError, MemoryError, ValueError) as exc:
                 log.error("%s: cannot write its mask to %s (%s); counted as failed", key, out_dir, exc)
                 failed.append(key)
-                if key in fallback:
-                    fallback.remove(key)
+                continue
+        if how == "fallback":
+            fallback.append(key)
     ok = len(tiles) - len(fallback) - len(failed)
     log.info("predicted %d tiles in %.1f s", len(results), time.time() - start)
     line = f"{len(tiles)} tiles: {ok} ok, {len(fallback)} fell back, {len(failed)} failed"

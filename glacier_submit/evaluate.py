@@ -180,16 +180,10 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
     return variants
 
 
-def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds: Optional[str] = None,
-             tiles: Optional[Sequence[str]] = None, convention: str = "imagepath", timeout: Optional[float] = None,
-             allow_leak: bool = False, compare: bool = False, python: Optional[str] = None,
-             label_mode: str = "multiclass", figures: bool = True, device: str = "cpu") -> Dict[str, Any]:
-    manifest = load_manifest(bundle)
-    notes: List[str] = []
-    if figures and not figures_available():
-        figures = False  # checked before any work: the report is written without figures
-        notes.append("figures skipped: matplotlib is not installed (pip install -e '.[report]' to get them)")
-    ds = CompetitionDataset(data, label_mode=label_mode, require_labels=False)
+def select_tiles(ds: CompetitionDataset, data: str, fold: Optional[int], folds: Optional[str],
+                 tiles: Optional[Sequence[str]], notes: List[str]) -> List[str]:
+    """The tiles to evaluate: every tile, a fold's validation tiles (folds.json checked
+    against this data) or the ones named; refused when missing, empty or colliding."""
     keys = list(ds.keys)
     if folds:
         from training.folds import check_provenance, fold_split, load_folds
@@ -216,20 +210,31 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         tile_ids({k: ds.tiles[k].bands for k in keys})
     except TileIdCollision as exc:
         raise EvaluateError(str(exc)) from None
-    notes += untracked_tuning(manifest)
+    return keys
+
+
+def guard_leakage(manifest: Manifest, keys: Sequence[str], fold: Optional[int], allow_leak: bool):
+    """(leaks, stamped): refuses (``LeakError``) members trained on, or settings tuned on, the
+    evaluated tiles unless ``allow_leak`` (the report is then stamped LEAKY)."""
     leaks = leakage(manifest, keys)
-    stamped = False
-    if leaks:
-        if not allow_leak:
-            lines = [f"  {m}: {'tuned' if m.startswith('tuned ') else 'trained'} on {t}" for m, t in leaks.items()]
-            msg = ("leaky evaluation refused: members trained on, or settings tuned on, evaluated tiles\n"
-                   + "\n".join(lines) + "\n")
-            if sum(not m.startswith("tuned ") for m in leaks) == len(manifest.members) and fold is not None:
-                msg += ("A fold is only held out for members that never trained on it; a k-fold ensemble has no "
-                        "clean fold." + oof_hint(manifest) + " ")
-            msg += "Evaluate on unseen tiles, build a bundle from members that never saw this fold, or pass --allow-leak (the report is stamped LEAKY)."
-            raise LeakError(msg)
-        stamped = True
+    if not leaks:
+        return leaks, False
+    if allow_leak:
+        return leaks, True
+    lines = [f"  {m}: {'tuned' if m.startswith('tuned ') else 'trained'} on {t}" for m, t in leaks.items()]
+    msg = ("leaky evaluation refused: members trained on, or settings tuned on, evaluated tiles\n"
+           + "\n".join(lines) + "\n")
+    if sum(not m.startswith("tuned ") for m in leaks) == len(manifest.members) and fold is not None:
+        msg += ("A fold is only held out for members that never trained on it; a k-fold ensemble has no "
+                "clean fold." + oof_hint(manifest) + " ")
+    msg += ("Evaluate on unseen tiles, build a bundle from members that never saw this fold, or pass "
+            "--allow-leak (the report is stamped LEAKY).")
+    raise LeakError(msg)
+
+
+def run_staged(bundle: str, ds: CompetitionDataset, keys: Sequence[str], out: str, convention: str,
+               timeout: Optional[float], python: Optional[str]) -> RunResult:
+    """The bundle run as the platform runs it on exactly ``keys``, writing into a fresh folder."""
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out)
     staged = os.path.join(out, "_input")
@@ -238,7 +243,37 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
     if os.path.exists(masks_dir):  # every run writes into a fresh, empty folder: nothing of an earlier run is read
         shutil.rmtree(masks_dir)
     os.makedirs(masks_dir)
-    run: RunResult = run_bundle(bundle, staged, convention, masks_dir, timeout, python)
+    return run_bundle(bundle, staged, convention, masks_dir, timeout, python)
+
+
+def add_scores(report: Dict[str, Any], ds: CompetitionDataset, keys: Sequence[str], run: RunResult,
+               values: Sequence[int]) -> Dict[str, np.ndarray]:
+    """MCC, per-class scores, confusion and grade into ``report``; returns the class-id masks."""
+    from training.reporting.grading import class_facts, grade
+
+    acc, per_tile, preds, problems, missing = score(ds, keys, run.masks, values)
+    report.update(mcc=acc.mcc, per_class=acc.per_class(ds.class_names), per_tile_mcc=per_tile,
+                  confusion=acc.cm.tolist(), class_names=list(ds.class_names), problems=problems,
+                  missing=missing, missing_rule=MISSING_RULE)
+    report["grade"] = grade("evaluate", {"mcc": acc.mcc, **class_facts(report["per_class"])})
+    return preds
+
+
+def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds: Optional[str] = None,
+             tiles: Optional[Sequence[str]] = None, convention: str = "imagepath", timeout: Optional[float] = None,
+             allow_leak: bool = False, compare: bool = False, python: Optional[str] = None,
+             label_mode: str = "multiclass", figures: bool = True, device: str = "cpu") -> Dict[str, Any]:
+    """``glacier-submit evaluate``: returns the report (also written to ``out/report.json``)."""
+    manifest = load_manifest(bundle)
+    notes: List[str] = []
+    if figures and not figures_available():
+        figures = False  # checked before any work: the report is written without figures
+        notes.append("figures skipped: matplotlib is not installed (pip install -e '.[report]' to get them)")
+    ds = CompetitionDataset(data, label_mode=label_mode, require_labels=False)
+    keys = select_tiles(ds, data, fold, folds, tiles, notes)
+    notes += untracked_tuning(manifest)
+    leaks, stamped = guard_leakage(manifest, keys, fold, allow_leak)
+    run = run_staged(bundle, ds, keys, out, convention, timeout, python)
     report: Dict[str, Any] = {
         "bundle": os.path.abspath(bundle), "data": os.path.abspath(data), "tiles": keys, "convention": convention,
         "leaky": stamped, "leaks": leaks, "returncode": run.returncode, "timed_out": run.timed_out,
@@ -251,18 +286,11 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
         _write_json(os.path.join(out, "report.json"), report)
         why = "timed out" if run.timed_out else f"exited with code {run.returncode}"
         raise EvaluateError(f"the bundle {why} under the {convention} convention. Last output:\n{run.tail(1500)}")
-    values = manifest.class_values
     report["mask_count"] = len(run.masks)
+    preds: Dict[str, np.ndarray] = {}
     if ds.has_labels:
-        acc, per_tile, preds, problems, missing = score(ds, keys, run.masks, values)
-        report.update(mcc=acc.mcc, per_class=acc.per_class(ds.class_names), per_tile_mcc=per_tile,
-                      confusion=acc.cm.tolist(), class_names=list(ds.class_names), problems=problems,
-                      missing=missing, missing_rule=MISSING_RULE)
-        from training.reporting.grading import class_facts, grade
-
-        report["grade"] = grade("evaluate", {"mcc": acc.mcc, **class_facts(report["per_class"])})
+        preds = add_scores(report, ds, keys, run, manifest.class_values)
     else:
-        preds = {}
         report["note"] = "no labels: timing only"
     if compare and ds.has_labels:
         report["ablations"] = ablations(bundle, ds, keys, manifest, device)

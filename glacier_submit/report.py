@@ -58,6 +58,63 @@ def training_curves(out: str, manifest: Manifest) -> List[str]:
     return found
 
 
+def _save(fig, path: str, dpi: int) -> str:
+    import matplotlib.pyplot as plt
+
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    plt.close(fig)
+    return path
+
+
+def _tiles_figure(plt, r: Dict[str, Any], ds, shown: Sequence[str], preds: Dict[str, np.ndarray], cols):
+    """Per tile: RGB composite, truth, prediction and error map."""
+    fig, axes = plt.subplots(len(shown), 4, figsize=(12, 3 * len(shown)), squeeze=False)
+    for row, key in zip(axes, shown):
+        truth, pred = ds.label(key), preds[key]
+        err = np.zeros(truth.shape + (3,), np.uint8)
+        err[truth != pred] = [230, 30, 30]
+        err[truth == pred] = [235, 235, 235]
+        titles = ["RGB (B4/B3/B2)", "ground truth",
+                  f"prediction (MCC {r['per_tile_mcc'].get(key, float('nan')):.3f})", "errors"]
+        for ax, im, title in zip(row, [rgb_composite(ds.image(key)), cols[truth], cols[pred], err], titles):
+            ax.imshow(im)
+            ax.set_title(f"{key}: {title}", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _confusion_figure(plt, r: Dict[str, Any], names: Sequence[str]):
+    cm = np.asarray(r["confusion"], np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{norm[i, j] * 100:.1f}%", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion (row-normalised), MCC {r['mcc']:.4f}")
+    fig.tight_layout()
+    return fig
+
+
+def _per_class_figure(plt, r: Dict[str, Any], names: Sequence[str]):
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = np.arange(len(names))
+    for i, metric in enumerate(("mcc", "iou", "f1")):
+        ax.bar(x + (i - 1) * 0.27, [c[metric] for c in r["per_class"]], 0.27, label=metric.upper())
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("per-class scores")
+    fig.tight_layout()
+    return fig
+
+
 def _write_figures(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: Dict[str, np.ndarray],
                    max_tiles: int) -> List[str]:
     import matplotlib
@@ -69,57 +126,13 @@ def _write_figures(out: str, r: Dict[str, Any], ds, keys: Sequence[str], preds: 
     os.makedirs(fig_dir, exist_ok=True)
     figs: List[str] = []
     names = list(ds.class_names)
-    cols = COLOURS[: len(names)]
     shown = [k for k in keys if k in preds][:max_tiles]
     if shown:
-        fig, axes = plt.subplots(len(shown), 4, figsize=(12, 3 * len(shown)), squeeze=False)
-        for row, key in zip(axes, shown):
-            truth, pred = ds.label(key), preds[key]
-            err = np.zeros(truth.shape + (3,), np.uint8)
-            err[truth != pred] = [230, 30, 30]
-            err[truth == pred] = [235, 235, 235]
-            for ax, im, title in zip(row, [rgb_composite(ds.image(key)), cols[truth], cols[pred], err],
-                                     ["RGB (B4/B3/B2)", "ground truth", f"prediction (MCC {r['per_tile_mcc'].get(key, float('nan')):.3f})", "errors"]):
-                ax.imshow(im)
-                ax.set_title(f"{key}: {title}", fontsize=9)
-                ax.axis("off")
-        fig.tight_layout()
-        p = os.path.join(fig_dir, "tiles.png")
-        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=80))
-        plt.close(fig)
-        figs.append(p)
+        figs.append(_save(_tiles_figure(plt, r, ds, shown, preds, COLOURS[: len(names)]),
+                          os.path.join(fig_dir, "tiles.png"), 80))
     if "confusion" in r:
-        cm = np.asarray(r["confusion"], np.float64)
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for i in range(len(names)):
-            for j in range(len(names)):
-                ax.text(j, i, f"{norm[i, j] * 100:.1f}%", ha="center", va="center", fontsize=8,
-                        color="white" if norm[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(names)), names, rotation=30)
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"confusion (row-normalised), MCC {r['mcc']:.4f}")
-        fig.tight_layout()
-        p = os.path.join(fig_dir, "confusion.png")
-        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=90))
-        plt.close(fig)
-        figs.append(p)
-        fig, ax = plt.subplots(figsize=(6, 3))
-        x = np.arange(len(names))
-        for i, metric in enumerate(("mcc", "iou", "f1")):
-            ax.bar(x + (i - 1) * 0.27, [c[metric] for c in r["per_class"]], 0.27, label=metric.upper())
-        ax.set_xticks(x, names)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=8)
-        ax.set_title("per-class scores")
-        fig.tight_layout()
-        p = os.path.join(fig_dir, "per_class.png")
-        atomic_write_with(p, lambda tmp, f=fig: f.savefig(tmp, dpi=90))
-        plt.close(fig)
-        figs.append(p)
+        figs.append(_save(_confusion_figure(plt, r, names), os.path.join(fig_dir, "confusion.png"), 90))
+        figs.append(_save(_per_class_figure(plt, r, names), os.path.join(fig_dir, "per_class.png"), 90))
     return figs
 
 

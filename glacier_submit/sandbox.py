@@ -124,6 +124,37 @@ def _read_masks(out_dir: str, convention: str) -> Dict[str, np.ndarray]:
     return masks
 
 
+def sandbox_env(home: str, tmp: str, block: bool = True, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The bundle's minimal environment: :data:`PASS_ENV` when set, HOME and TMPDIR in the
+    run's scratch space, the import blocker's list; ``extra`` last."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    e = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    e.setdefault("PATH", os.defpath)
+    e.setdefault("LANG", "C.UTF-8")
+    e.update({"HOME": home, "TMPDIR": tmp, "GLACIER_SANDBOX_BLOCK": json.dumps(list(BLOCKED) if block else []),
+              "GLACIER_SANDBOX_REPO": repo, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"})
+    e.update(extra or {})
+    return e
+
+
+def _run(cmd, workdir: str, env: Dict[str, str], limit: float):
+    """(returncode, stdout, stderr, timed out, seconds) of one bundle run."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=limit)
+        rc, so, se, timed_out = proc.returncode, proc.stdout, proc.stderr, False
+    except subprocess.TimeoutExpired as exc:
+        timed_out, rc = True, -9
+        so = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        se = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        se += f"\n[glacier-submit] killed after the {limit:.0f} s timeout"
+    seconds = time.time() - t0
+    for line in so.splitlines():
+        if line.startswith("GLACIER_SANDBOX_SECONDS="):
+            seconds = float(line.split("=", 1)[1])
+    return rc, so, se, timed_out, seconds
+
+
 def run_bundle(bundle: str, data: str, convention: str = "imagepath", out_dir: Optional[str] = None,
                timeout: Optional[float] = None, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                block: bool = True) -> RunResult:
@@ -145,35 +176,13 @@ def run_bundle(bundle: str, data: str, convention: str = "imagepath", out_dir: O
         if os.listdir(out_dir):
             raise ValueError(f"output folder {out_dir} is not empty; the bundle must write into an empty folder "
                              "so that only this run's masks are read (remove it or pick another)")
-        workdir = os.path.join(scratch, "cwd")  # not the bundle, not the repo
-        home = os.path.join(scratch, "home")
-        tmp = os.path.join(scratch, "tmp")
+        workdir, home, tmp = (os.path.join(scratch, d) for d in ("cwd", "home", "tmp"))  # not the bundle, not the repo
         for d in (workdir, home, tmp):
             os.makedirs(d)
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        e = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-        e.setdefault("PATH", os.defpath)
-        e.setdefault("LANG", "C.UTF-8")
-        e.update({"HOME": home, "TMPDIR": tmp, "GLACIER_SANDBOX_BLOCK": json.dumps(list(BLOCKED) if block else []),
-                  "GLACIER_SANDBOX_REPO": repo, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"})
-        e.update(env or {})
         limit = DEFAULT_TIMEOUT_S if timeout is None else timeout
         cmd = [python or sys.executable, "-c", _HARNESS, convention, bundle, os.path.abspath(data), out_dir]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        t0 = time.time()
-        timed_out = False
-        try:
-            proc = subprocess.run(cmd, cwd=workdir, env=e, capture_output=True, text=True, timeout=limit)
-            rc, so, se = proc.returncode, proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            timed_out, rc = True, -9
-            so = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            se = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-            se += f"\n[glacier-submit] killed after the {limit:.0f} s timeout"
-        seconds = time.time() - t0
-        for line in so.splitlines():
-            if line.startswith("GLACIER_SANDBOX_SECONDS="):
-                seconds = float(line.split("=", 1)[1])
+        rc, so, se, timed_out, seconds = _run(cmd, workdir, sandbox_env(home, tmp, block, env), limit)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         res = RunResult(convention, rc, seconds, max(peak, before) / 1024.0, so, se, "" if own_out else out_dir,
                         timed_out)

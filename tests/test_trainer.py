@@ -14,7 +14,18 @@ TINY = {"train.epochs": 3, "train.patches_per_epoch": 8, "train.batch_size": 4, 
         "model.decoder_channels": [16, 16, 16, 8, 8], "train.warmup_epochs": 0}
 
 
-def _trainer(synth_data, tmp_path, device="cpu", **over):
+class InterruptAfter:
+    """A callback that interrupts the run after ``epoch``, as Ctrl-C would."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, row):
+        if epoch >= self.epoch:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+
+def _trainer(synth_data, tmp_path, device="cpu", callbacks=(), **over):
     from training.data.competition import CompetitionDataset
     from training.engine.distributed import DistContext
     from training.engine.trainer import Trainer
@@ -23,7 +34,7 @@ def _trainer(synth_data, tmp_path, device="cpu", **over):
     ds = CompetitionDataset(os.path.join(synth_data, "train"))
     keys = sorted(ds.keys)
     return Trainer(cfg, ds, keys[:6], keys[6:8], 0, 0, str(tmp_path / "fold0_seed0.pt"), str(tmp_path / ".work"),
-                   DistContext(device=torch.device(device)), progress=False)
+                   DistContext(device=torch.device(device)), progress=False, callbacks=callbacks)
 
 
 # ---- restore to a device ----------------------------------------------------------------------
@@ -32,9 +43,9 @@ def test_restore_puts_every_tensor_on_the_target_device(synth_data, tmp_path):
     """A cut run (EMA + plateau scheduler on) restored onto another device: the model,
     optimizer moments and EMA weights all land there (the old code left EMA on the CPU,
     so the first EMA.update on a GPU mixed devices)."""
-    t = _trainer(synth_data, tmp_path, **{"train.ema": 0.9, "train.scheduler": "plateau"})
+    t = _trainer(synth_data, tmp_path, callbacks=[InterruptAfter(0)], **{"train.ema": 0.9, "train.scheduler": "plateau"})
     with pytest.raises(KeyboardInterrupt):
-        t.fit(stop_after_epoch=0)
+        t.fit()
     assert os.path.exists(t.last_path)
     ck = torch.load(t.last_path, map_location="cpu", weights_only=True)  # plain types only
     assert ck["kind"] == "member" and ck["optimizer"]["state"] and ck["ema"]
@@ -65,7 +76,8 @@ def test_restore_puts_every_tensor_on_the_target_device(synth_data, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
 def test_restore_state_scaler_and_ema_device_unit():
-    from training.engine.loop import EMA, _grad_scaler
+    from training.engine.ema import EMA
+    from training.engine.schedule import grad_scaler
     from training.engine.state import restore_state
 
     model = torch.nn.Conv2d(2, 3, 1)
@@ -80,7 +92,7 @@ def test_restore_state_scaler_and_ema_device_unit():
     t_opt = torch.optim.AdamW(target.parameters())
     t_ema = EMA(target, 0.5)
     t_ema.state = {k: torch.zeros(1) for k in t_ema.state}  # CPU placeholders must be replaced
-    scaler = _grad_scaler(False)
+    scaler = grad_scaler(False)
     restore_state(ck, torch.device("meta"), target, t_opt, scaler, t_ema)
     assert all(v.device.type == "meta" for v in t_ema.state.values())
     assert all(v.device.type == "meta" for st in t_opt.state.values() for k, v in st.items() if k != "step")

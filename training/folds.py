@@ -33,6 +33,41 @@ def spatial_groups(keys: Sequence[str], block: int) -> Dict[str, str]:
     return out
 
 
+def _group_counts(keys: Sequence[str], counts: np.ndarray, groups: Mapping[str, str]):
+    """Per group: the class pixel counts and the tiles."""
+    gids = sorted(set(groups.values()))
+    gcount = {g: np.zeros(counts.shape[1]) for g in gids}
+    gtiles: Dict[str, List[str]] = {g: [] for g in gids}
+    for key, row in zip(keys, counts):
+        gcount[groups[key]] += row
+        gtiles[groups[key]].append(key)
+    return gids, gcount, gtiles
+
+
+def _rarest(present_counts: np.ndarray, weight: np.ndarray) -> Optional[int]:
+    present = np.nonzero(present_counts > 0)[0]
+    return int(max(present, key=lambda c: weight[c])) if present.size else None
+
+
+def _deal(order: Sequence[str], gcount, gtiles, weight: np.ndarray, k: int, n_tiles: int, tie: np.ndarray):
+    """Deal groups to folds: each to the fold with least of its rarest class so far (ties:
+    fewest tiles, then ``tie``), never far over an even share of tiles."""
+    fold_counts = np.zeros((k, weight.shape[0]))
+    fold_tiles: List[List[str]] = [[] for _ in range(k)]
+    cap = int(np.ceil(n_tiles / k)) + 1
+    for g in order:
+        rarest = _rarest(gcount[g], weight)
+
+        def cost(f, g=g, rarest=rarest):
+            rare = fold_counts[f][rarest] * weight[rarest] if rarest is not None else 0.0
+            return (len(fold_tiles[f]) + len(gtiles[g]) > cap, rare, len(fold_tiles[f]), tie[f])
+
+        best = min(range(k), key=cost)
+        fold_counts[best] += gcount[g]
+        fold_tiles[best].extend(gtiles[g])
+    return fold_counts, fold_tiles
+
+
 def make_folds(
     class_pixels: Mapping[str, Sequence[int]],
     k: int = 5,
@@ -45,60 +80,30 @@ def make_folds(
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
     groups = spatial_groups(keys, block)
-    gids = sorted(set(groups.values()))
+    counts = np.array([class_pixels[key] for key in keys], dtype=np.float64)
+    gids, gcount, gtiles = _group_counts(keys, counts, groups)
     if len(gids) < k:
         raise ValueError(
             f"only {len(gids)} spatial groups for k={k} folds (block={block}); use a smaller --block or --k"
         )
-    counts = np.array([class_pixels[key] for key in keys], dtype=np.float64)
-    n_cls = counts.shape[1]
-    gcount = {g: np.zeros(n_cls) for g in gids}
-    gtiles: Dict[str, List[str]] = {g: [] for g in gids}
-    for key, row in zip(keys, counts):
-        gcount[groups[key]] += row
-        gtiles[groups[key]].append(key)
     # Rarity weight: classes with fewer pixels overall count more.
     total = counts.sum(axis=0)
     weight = np.where(total > 0, 1.0 / np.maximum(total, 1.0), 0.0)
     rng = np.random.default_rng(seed)
     order = list(gids)
     rng.shuffle(order)
-    # rarest class present in each group decides its priority
-    def priority(g):
-        present = np.nonzero(gcount[g] > 0)[0]
-        rarest = max(present, key=lambda c: weight[c]) if present.size else 0
+
+    def priority(g):  # the rarest class present in each group decides its priority
+        rarest = _rarest(gcount[g], weight)
+        rarest = 0 if rarest is None else rarest
         return (-weight[rarest] * (gcount[g][rarest] > 0), -len(gtiles[g]))
+
     order.sort(key=priority)
-    fold_counts = np.zeros((k, n_cls))
-    fold_tiles = [[] for _ in range(k)]
-    tie = rng.permutation(k)
-    for g in order:
-        present = np.nonzero(gcount[g] > 0)[0]
-        rarest = max(present, key=lambda c: weight[c]) if present.size else None
-        def cost(f):
-            rare = fold_counts[f][rarest] * weight[rarest] if rarest is not None else 0.0
-            return (len(fold_tiles[f]) + len(gtiles[g]) > int(np.ceil(len(keys) / k)) + 1,
-                    rare, len(fold_tiles[f]), tie[f])
-        best = min(range(k), key=cost)
-        fold_counts[best] += gcount[g]
-        fold_tiles[best].extend(gtiles[g])
-    folds = []
-    for f in range(k):
-        val = sorted(fold_tiles[f])
-        folds.append({
-            "fold": f,
-            "val": val,
-            "train": sorted(t for t in keys if t not in set(val)),
-            "val_class_pixels": [int(v) for v in fold_counts[f]],
-        })
-    return {
-        "k": k,
-        "seed": seed,
-        "block": block,
-        "class_names": list(class_names) if class_names else None,
-        "groups": groups,
-        "folds": folds,
-    }
+    fold_counts, fold_tiles = _deal(order, gcount, gtiles, weight, k, len(keys), rng.permutation(k))
+    folds = [{"fold": f, "val": sorted(fold_tiles[f]), "train": sorted(t for t in keys if t not in set(fold_tiles[f])),
+              "val_class_pixels": [int(v) for v in fold_counts[f]]} for f in range(k)]
+    return {"k": k, "seed": seed, "block": block, "class_names": list(class_names) if class_names else None,
+            "groups": groups, "folds": folds}
 
 
 def data_provenance(files: Mapping[str, Mapping[str, Optional[str]]]) -> Dict:

@@ -48,3 +48,19 @@ class PatchDataset(Dataset):
         dist = signed_distance_maps(y, self.n_classes) if self.boundary else np.zeros(0, np.float32)
         return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)),
                 torch.from_numpy(y.astype(np.int64)), torch.from_numpy(dist))
+
+
+class LazyMap:
+    """A read-only mapping that computes values on access (streamed, memory-mapped data)."""
+
+    def __init__(self, keys, fn):
+        self._keys, self._fn = list(keys), fn
+
+    def __getitem__(self, key):
+        return self._fn(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -96,16 +96,8 @@ def _quantile_mask(field: np.ndarray, share: float, within: Optional[np.ndarray]
     return m & within if within is not None else m
 
 
-def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, region: Region = TRAIN_REGION,
-                   return_extras: bool = False):
-    """Return (bands float32 (5, H, W), labels uint8 (H, W) class ids) for a whole scene;
-    with ``return_extras`` also {"elevation", "slope", "nir"} (for the fake HKH channels)."""
-    rng = np.random.default_rng(seed)
-    th, tw = size
-    H, W = rows * th, cols * tw
-    shape = (H, W)
-    px = max(th, tw) / 512.0  # keep feature sizes proportional to the tile size
-    # --- terrain --------------------------------------------------------------------
+def _terrain(rng: np.random.Generator, shape: Tuple[int, int], px: float, region: Region):
+    """Elevation (m), slope, aspect, hill shade and deep terrain shadow under the region's sun."""
     elev = _fractal(rng, shape, [400 * px, 160 * px, 60 * px, 20 * px], [1.0, 0.55, 0.25, 0.08])
     ridges = 1.0 - np.abs(_noise(rng, shape, 220 * px))
     elev = 0.75 * elev + 0.25 * np.clip(ridges, 0, 1)
@@ -117,10 +109,13 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     shade = np.sin(el) * np.cos(slope) + np.cos(el) * np.sin(slope) * np.cos(az - aspect)
     shade = np.clip(shade, 0.0, 1.0).astype(np.float32)
     shadow = shade < np.quantile(shade, 0.06)  # deep terrain shadow
-    # --- glacier bodies: elongated flow-like shapes at altitude --------------------------
+    return elev, elev_m, slope, shade, shadow
+
+
+def _glaciers(rng: np.random.Generator, shape, px: float, region: Region, elev: np.ndarray, elev_m: np.ndarray):
+    """Clean ice, debris (the lower tongue, touching clean ice), moraines and snow patches."""
     flow = _noise(rng, shape, 90 * px, aniso=2.5) + 0.6 * _noise(rng, shape, 35 * px)
-    body_field = 1.6 * elev + 0.35 * flow
-    body = _quantile_mask(body_field, region.body_share)
+    body = _quantile_mask(1.6 * elev + 0.35 * flow, region.body_share)
     body = cv2.morphologyEx(body.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
     # debris: the lowest part of each body, then keep only pieces touching clean ice
     tongue_field = -elev_m + 120.0 * _noise(rng, shape, 25 * px)
@@ -138,17 +133,16 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     ring = cv2.dilate(body.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(bool)
     moraine = (ring & ~body) | orphan
     # snow patches on high rock
-    snow_field = elev + 0.25 * _noise(rng, shape, 18 * px)
-    snow = _quantile_mask(snow_field, region.snow_share, within=~ring)
-    # --- labels --------------------------------------------------------------------
-    labels = np.zeros(shape, np.uint8)
-    labels[clean] = 1
-    labels[debris] = 2
-    # --- lakes near termini and in low valleys ------------------------------------------
+    snow = _quantile_mask(elev + 0.25 * _noise(rng, shape, 18 * px), region.snow_share, within=~ring)
+    return clean, debris, body, moraine, snow
+
+
+def _lakes(rng: np.random.Generator, shape, px: float, region: Region, n_tiles: int, elev, clean, debris, body):
+    """Small lakes near glacier termini (three in four) and in low valleys, never on clean ice."""
     water = np.zeros(shape, bool)
-    n_lakes = rng.poisson(region.lakes_per_tile * rows * cols)
+    n_lakes = rng.poisson(region.lakes_per_tile * n_tiles)
     term_y, term_x = np.nonzero(debris & (cv2.dilate((~body).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0))
-    for i in range(n_lakes):
+    for _ in range(n_lakes):
         if term_y.size and rng.random() < 0.75:
             j = rng.integers(term_y.size)
             cy, cx = int(term_y[j]), int(term_x[j])
@@ -164,16 +158,14 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
         lake = np.zeros(shape, np.uint8)
         cv2.ellipse(lake, (int(cx), int(cy)), (ax, ay), float(rng.uniform(0, 180)), 0, 360, 1, -1)
         water |= lake.astype(bool) & ~clean
-    labels[water] = 3
-    # --- render bands ---------------------------------------------------------------------
-    mat = np.zeros(shape, np.uint8)  # 0 rock, 1 moraine, 2 debris, 3 ice, 4 snow, 5 water
-    mat[moraine] = 1
-    mat[snow] = 4
-    mat[debris] = 2
-    mat[clean] = 3
-    mat[water] = 5
-    names = ["rock", "moraine", "debris", "ice", "snow", "water"]
-    spec = np.array([SPECTRA[n] for n in names], np.float32)  # (6, 5)
+    return water
+
+
+def _reflectance(rng: np.random.Generator, shape, px: float, region: Region, mat: np.ndarray, elev, elev_m,
+                 shade, shadow):
+    """Bands from the materials: spectra, geology, vegetation, debris texture, illumination,
+    and a thermal band with lapse rate, sun-facing warmth and the 100 m blur."""
+    spec = np.array([SPECTRA[n] for n in ("rock", "moraine", "debris", "ice", "snow", "water")], np.float32)
     bands = np.empty((5,) + shape, np.float32)
     geology = _noise(rng, shape, 50 * px)
     veg = np.clip(1.2 - 2.5 * elev, 0, 1)  # greener, darker valley floors
@@ -194,20 +186,30 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     bands[:4] *= illum[None] * region.gain
     # thermal: lapse rate, sun-facing slopes warmer, debris cooler beneath, blurred to 100 m
     t = bands[4] - 6.5 * (elev_m - 4000.0) / 1000.0 + 5.0 * (shade - 0.5)
-    t = cv2.GaussianBlur(t, (0, 0), 2.0 * px)
-    bands[4] = t
-    # clouds on some tiles
-    cloud_field = _fractal(rng, shape, [80 * px, 25 * px], [1.0, 0.4])
+    bands[4] = cv2.GaussianBlur(t, (0, 0), 2.0 * px)
+    return bands, veg, illum
+
+
+def _clouds(rng: np.random.Generator, bands: np.ndarray, px: float, region: Region, rows: int, cols: int,
+            size: Tuple[int, int]) -> None:
+    """Clouds on a share of the tiles (in place)."""
+    th, tw = size
+    cloud_field = _fractal(rng, bands.shape[1:], [80 * px, 25 * px], [1.0, 0.4])
     tile_has_cloud = rng.random((rows, cols)) < region.cloud_tiles
     cover = np.kron(tile_has_cloud, np.ones((th, tw), bool))
     alpha = np.clip((cloud_field - 0.62) * 4.0, 0, 0.85) * cover
     for b in range(5):
         bands[b] = (1 - alpha) * bands[b] + alpha * SPECTRA["cloud"][b] * (region.gain if b < 4 else 1.0)
-    # sensor noise and striping
-    sig = region.noise
+
+
+def _sensor(rng: np.random.Generator, bands: np.ndarray, labels: np.ndarray, region: Region, rows: int, cols: int,
+            size: Tuple[int, int]) -> None:
+    """Sensor noise, then per tile: gain, thermal offset, column striping, masked gaps (in place)."""
+    th, tw = size
+    shape = bands.shape[1:]
     for b in range(4):
-        bands[b] += rng.normal(0, 0.008 * sig, shape).astype(np.float32)
-    bands[4] += rng.normal(0, 0.6 * sig, shape).astype(np.float32)
+        bands[b] += rng.normal(0, 0.008 * region.noise, shape).astype(np.float32)
+    bands[4] += rng.normal(0, 0.6 * region.noise, shape).astype(np.float32)
     for r in range(rows):
         for c in range(cols):
             ys, xs = slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw)
@@ -222,14 +224,38 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
                 x0 = c * tw + (0 if rng.random() < 0.5 else tw - gw)
                 bands[:, ys, x0:x0 + gw] = 0.0
                 labels[ys, x0:x0 + gw] = 0
+
+
+def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, region: Region = TRAIN_REGION,
+                   return_extras: bool = False):
+    """Return (bands float32 (5, H, W), labels uint8 (H, W) class ids) for a whole scene;
+    with ``return_extras`` also {"elevation", "slope", "nir"} (for the fake HKH channels)."""
+    rng = np.random.default_rng(seed)
+    shape = (rows * size[0], cols * size[1])
+    px = max(size) / 512.0  # keep feature sizes proportional to the tile size
+    elev, elev_m, slope, shade, shadow = _terrain(rng, shape, px, region)
+    clean, debris, body, moraine, snow = _glaciers(rng, shape, px, region, elev, elev_m)
+    labels = np.zeros(shape, np.uint8)
+    labels[clean] = 1
+    labels[debris] = 2
+    water = _lakes(rng, shape, px, region, rows * cols, elev, clean, debris, body)
+    labels[water] = 3
+    mat = np.zeros(shape, np.uint8)  # 0 rock, 1 moraine, 2 debris, 3 ice, 4 snow, 5 water
+    mat[moraine] = 1
+    mat[snow] = 4
+    mat[debris] = 2
+    mat[clean] = 3
+    mat[water] = 5
+    bands, veg, illum = _reflectance(rng, shape, px, region, mat, elev, elev_m, shade, shadow)
+    _clouds(rng, bands, px, region, rows, cols, size)
+    _sensor(rng, bands, labels, region, rows, cols, size)
     bands[:4] = np.clip(bands[:4], 0.0, 1.0)
-    if return_extras:
-        nir_mean = np.array([0.26, 0.27, 0.25, 0.32, 0.60, 0.03], np.float32)[mat] + 0.15 * veg * (mat == 0)
-        nir = np.clip(nir_mean * illum * region.gain + rng.normal(0, 0.008, shape).astype(np.float32), 0, 1)
-        extras = {"elevation": elev_m.astype(np.float32), "slope": np.degrees(slope).astype(np.float32),
-                  "nir": nir.astype(np.float32)}
-        return bands, labels, extras
-    return bands, labels
+    if not return_extras:
+        return bands, labels
+    nir_mean = np.array([0.26, 0.27, 0.25, 0.32, 0.60, 0.03], np.float32)[mat] + 0.15 * veg * (mat == 0)
+    nir = np.clip(nir_mean * illum * region.gain + rng.normal(0, 0.008, shape).astype(np.float32), 0, 1)
+    return bands, labels, {"elevation": elev_m.astype(np.float32), "slope": np.degrees(slope).astype(np.float32),
+                           "nir": nir.astype(np.float32)}
 
 
 def _write_tif(path: str, arr: np.ndarray) -> None:

@@ -76,6 +76,13 @@ class NonFiniteMonitor:
         self.epoch_bad = 0
         self.epoch_amp_skips = 0
 
+    def state_dict(self) -> Dict[str, int]:
+        """What a resume carries over (plain values: ``weights_only`` loads them)."""
+        return {"bad_steps_total": self.total_bad}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.total_bad = int(state.get("bad_steps_total", 0))
+
     def observe(self, epoch: int, step: int, bad_parts: Sequence[str], grad_finite: bool,
                 amp: bool = False, scale: Optional[float] = None) -> str:
         """Classify one optimiser step: ``ok``, ``skipped`` (bad: do not apply it) or
@@ -264,6 +271,15 @@ class ClassLearningMonitor:
         self.warnings.extend(new)
         return new
 
+    def state_dict(self) -> Dict[str, object]:
+        return {"class_reported": list(self.reported), "class_warnings": list(self.warnings),
+                "class_streak": dict(self.streak)}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.reported = list(state.get("class_reported", []))
+        self.warnings = list(state.get("class_warnings", []))
+        self.streak = dict(state.get("class_streak", {}))
+
     def _message(self, epoch: int, name: str, recall: float, pred_share: float, label_share: float,
                  centre: float, pixels: float) -> str:
         head = (f"fold {self.fold} seed {self.seed} epoch {epoch}: class {name} is not being learned: validation "
@@ -278,6 +294,32 @@ class ClassLearningMonitor:
                 f"covered {100 * pixels:.2f} % of the training pixels. Move it with sampler.targets.{name} "
                 "(more patches centred on it), loss.class_weights (auto weighs rare classes up), or "
                 "loss.focal_gamma.")
+
+
+# ---- the batch and window that fit in memory (train.auto_batch) ---------------------------------------
+@dataclass
+class BatchGuard:
+    """The micro-batch, accumulation and validation window a run uses now: ``train.auto_batch``
+    shrinks them after an out-of-memory error (the effective batch stays), and a resume keeps
+    what was found to fit."""
+    micro: int
+    accum: int
+    val_window: int
+
+    def shrink_batch(self) -> Optional[Tuple[int, int]]:
+        """Half the micro-batch, twice the accumulation; None at batch 1 (nothing changed)."""
+        nxt = smaller_batch(self.micro, self.accum)
+        if nxt is not None:
+            self.micro, self.accum = nxt
+        return nxt
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"micro": self.micro, "accum": self.accum, "val_window": self.val_window}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.micro = int(state.get("micro", self.micro))
+        self.accum = int(state.get("accum", self.accum))
+        self.val_window = int(state.get("val_window", self.val_window))
 
 
 # ---- micro-batches over a fixed epoch order (what auto_batch resumes from) ------------------------

@@ -32,12 +32,17 @@ from training.data.augment import build_augment
 from training.engine.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
 from training.rundir import RunDir, member_name
-from training.data.patches import PatchDataset
+from training.data.patches import LazyMap, PatchDataset
 from training.engine.distributed import DistContext
-from training.engine.guards import (SKIPPED, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory, NonFiniteMonitor,
-                             assert_finite_state, free_memory, grad_norm, is_oom, nonfinite_parts, nonfinite_tensors,
-                             oom_message, smaller_batch, smaller_window, window_batches)
-from training.engine.loop import EMA, LazyMap, _grad_scaler, _seed_all, _write_csv, lr_factor, validate
+from training.engine.callbacks import Callback
+from training.engine.ema import EMA
+from training.engine.guards import (SKIPPED, BatchGuard, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory,
+                                    NonFiniteMonitor, assert_finite_state, free_memory, grad_norm, is_oom,
+                                    nonfinite_parts, nonfinite_tensors, oom_message, smaller_batch, smaller_window,
+                                    window_batches)
+from training.engine.history import write_csv
+from training.engine.schedule import grad_scaler, lr_factor, seed_all
+from training.engine.validation import validate
 from training.losses import CombinedLoss, class_weights_from_shares
 from training.engine.progress import EpochReporter
 from training.data.sampling import PixelBalancedSampler, UniformPatchSampler, achieved_rates
@@ -74,7 +79,8 @@ class Trainer:
                  seed: int, out_path: str, work_dir: str, ctx: Optional[DistContext] = None,
                  init_state: Optional[Dict[str, torch.Tensor]] = None, save_oof: bool = True,
                  kind: str = "member", reporter: Optional[EpochReporter] = None, progress: bool = True,
-                 members_after: int = 0, worker: Optional[int] = None, loader_workers: Optional[int] = None):
+                 members_after: int = 0, worker: Optional[int] = None, loader_workers: Optional[int] = None,
+                 callbacks: Sequence[Callback] = ()):
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
         self.cfg, self.dataset = cfg, dataset
@@ -91,17 +97,17 @@ class Trainer:
         self.out_dir = os.path.dirname(os.path.abspath(out_path))
         self.progress, self.members_after, self.worker = progress, members_after, worker
         self.reporter = reporter
+        self.callbacks = list(callbacks)
         self.num_workers = cfg.train.num_workers if loader_workers is None else int(loader_workers)
         self.class_weight: Optional[torch.Tensor] = None
         self.history: List[Dict[str, Any]] = []
         self.start_epoch, self.best_mcc, self.bad_epochs = 0, -1.0, 0
         self.stopped_early = False
         self.t0 = time.time()
-        # guards (training/guards.py): auto_batch may shrink the micro-batch (and grow the
-        # accumulation: the effective batch stays) and the validation window
+        # guards (training/engine/guards.py), each owning the state a resume carries over:
+        # auto_batch may shrink the micro-batch (the effective batch stays) and the validation window
         t = cfg.train
-        self.micro, self.accum = t.batch_size, t.accumulate
-        self.val_window = cfg.validation.window
+        self.batch = BatchGuard(t.batch_size, t.accumulate, cfg.validation.window)
         self.nonfinite = NonFiniteMonitor(limit=t.nonfinite_limit, fold=fold, seed=seed, lr=t.lr,
                                           boundary=cfg.loss.boundary, ramp=cfg.loss.boundary_ramp_epochs,
                                           where=work_dir)
@@ -112,7 +118,7 @@ class Trainer:
     def setup_data(self) -> None:
         """Statistics from this fold's training tiles only (a seeded sample for streamed
         sources such as HKH), normalised training tiles, raw validation tiles, class
-        weights, the patch sampler and the augmentation."""
+        weights, the patch sampler, the augmentation and the class guard."""
         cfg, ds = self.cfg, self.dataset
         lazy = bool(getattr(ds, "lazy", False))
         stats_keys = list(self.train_keys)
@@ -130,14 +136,28 @@ class Trainer:
             self.labels = {k: ds.label(k) for k in self.train_keys}
         self.val_raw = {k: ds.image(k) for k in self.val_keys}
         self.val_labels = {k: ds.label(k) for k in self.val_keys}
+        self.setup_class_weights(stats_keys)
+        self.setup_sampler(lazy)
+        self.augment = build_augment(cfg.augment)
+        t = cfg.train
+        self.class_monitor = ClassLearningMonitor(
+            self.class_names, warmup=max(t.warmup_epochs + 1, round(0.1 * t.epochs)), patience=2, fold=self.fold,
+            seed=self.seed, targets=dict(cfg.sampler.targets) if cfg.sampler.mode == "balanced" else {},
+            absent=list(self.sampler.absent))
+
+    def setup_class_weights(self, keys: Sequence[str]) -> None:
+        """Class shares of the statistics tiles and the loss's class weights from them."""
         n = self.n_classes
-        counts = sum(np.bincount(ds.label(k).ravel(), minlength=n)[:n] for k in stats_keys)
+        counts = sum(np.bincount(self.dataset.label(k).ravel(), minlength=n)[:n] for k in keys)
         self.shares = counts / max(counts.sum(), 1)
-        cw = cfg.loss.class_weights
+        cw = self.cfg.loss.class_weights
         self.class_weight = (class_weights_from_shares(self.shares) if cw == "auto" else
                              None if cw == "none" else torch.tensor(cw, dtype=torch.float32))
         if self.class_weight is not None and self.class_weight.numel() != n:
             raise ValueError(f"loss.class_weights has {self.class_weight.numel()} values for {n} classes")
+
+    def setup_sampler(self, lazy: bool) -> None:
+        cfg, ds = self.cfg, self.dataset
         if cfg.sampler.mode == "uniform":
             self.sampler = UniformPatchSampler({k: ds.shape(k) for k in self.train_keys}, cfg.train.patch_size)
         elif lazy:
@@ -149,12 +169,6 @@ class Trainer:
         if self.sampler.absent:
             log.warning("fold %d: classes %s absent from the training tiles; sampler targets renormalised",
                         self.fold, self.sampler.absent)
-        self.augment = build_augment(cfg.augment)
-        t = cfg.train
-        self.class_monitor = ClassLearningMonitor(
-            self.class_names, warmup=max(t.warmup_epochs + 1, round(0.1 * t.epochs)), patience=2, fold=self.fold,
-            seed=self.seed, targets=dict(cfg.sampler.targets) if cfg.sampler.mode == "balanced" else {},
-            absent=list(self.sampler.absent))
 
     def setup_model(self, model: Optional[torch.nn.Module] = None) -> None:
         """The network (``model`` replaces the configured one, for tests), DDP wrapper
@@ -163,7 +177,7 @@ class Trainer:
         from training.models import create_model, model_spec
 
         cfg, ctx, device = self.cfg, self.ctx, self.device
-        _seed_all(self.seed, 0xC0FFEE)
+        seed_all(self.seed, 0xC0FFEE)
         self.spec = model_spec(cfg.model, len(cfg.data.bands), self.n_classes)
         if model is None:
             model = create_model(self.spec, cfg.model.encoder_weights, cfg.model.encoder_first_conv)
@@ -185,7 +199,7 @@ class Trainer:
         self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="max", factor=0.5,
                                                                    patience=cfg.train.plateau_patience)
                         if cfg.train.scheduler == "plateau" else None)
-        self.scaler = _grad_scaler(self.amp)
+        self.scaler = grad_scaler(self.amp)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema else None
         self.loss_fn = CombinedLoss(cfg.loss, self.class_weight).to(device)
 
@@ -232,10 +246,10 @@ class Trainer:
         return ds, order, rates
 
     def step_loader(self, ds: PatchDataset, order: List[int], start: int = 0) -> Tuple[DataLoader, List[bool]]:
-        """Micro-batches of ``self.micro`` from sample ``start`` (a step boundary) on, and
+        """Micro-batches of ``self.batch.micro`` from sample ``start`` (a step boundary) on, and
         for each whether it ends an optimiser step (``batch_size x accumulate`` samples)."""
         t = self.cfg.train
-        plan = window_batches(order, t.batch_size * t.accumulate, self.micro, start)
+        plan = window_batches(order, t.batch_size * t.accumulate, self.batch.micro, start)
         loader = DataLoader(ds, batch_sampler=[b for b, _ in plan], num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         return loader, [u for _, u in plan]
@@ -257,7 +271,7 @@ class Trainer:
             self._window_bad.extend(p for p in bad if p not in self._window_bad)
             # backward even on a non-finite loss: under DDP every rank must join the all-reduce
             # (the NaN gradients it brings make every rank skip this step alike)
-            self.scaler.scale(parts["total"] / self.accum).backward()
+            self.scaler.scale(parts["total"] / self.batch.accum).backward()
         if update:
             self.optimizer_step(epoch, step)
         return parts
@@ -299,57 +313,57 @@ class Trainer:
         learning rate, achieved sampler rates and pixel shares, non-finite steps skipped,
         micro-batch and accumulation). Out of memory in a step: ``train.auto_batch`` halves
         the micro-batch and redoes that step; otherwise ``MemberOutOfMemory``."""
-        cfg, device, n = self.cfg, self.device, self.n_classes
-        _seed_all(self.seed, epoch)
+        seed_all(self.seed, epoch)
         self.set_lr(epoch)
         ds, order, rates = self.epoch_patches(epoch)
         self.net.train()
         self.nonfinite.start_epoch()
-        sums: Dict[str, float] = {}
-        nb = 0
-        pixel_counts = np.zeros(n)
-        eff = cfg.train.batch_size * cfg.train.accumulate
-        start = 0  # first sample of the optimiser step being trained
-        while start < len(order):
-            loader, updates = self.step_loader(ds, order, start)
-            w_sums: Dict[str, float] = {}
-            w_nb, w_pix = 0, np.zeros(n)
-            self.opt.zero_grad(set_to_none=True)
-            self._window_bad = []
+        done = _Sums(self.n_classes)  # finished optimiser steps; ``start`` is the next one's first sample
+        while done.start < len(order):
             oom = False
             try:
-                for i, (x, y, d) in enumerate(loader):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    d = d.to(device, non_blocking=True) if d.numel() else None
-                    w_pix += np.bincount(y.reshape(-1).cpu().numpy(), minlength=n)[:n]
-                    parts = self.train_step(x, y, d, epoch, updates[i], step=start // eff)
-                    vals = {k: float(v.detach()) for k, v in parts.items()}
-                    if not nonfinite_parts(vals):  # a skipped step's NaN stays out of the means
-                        for k, v in vals.items():
-                            w_sums[k] = w_sums.get(k, 0.0) + v
-                        w_nb += 1
-                    if updates[i]:  # the step is done: count it
-                        for k, v in w_sums.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                        nb += w_nb
-                        pixel_counts += w_pix
-                        w_sums, w_nb, w_pix = {}, 0, np.zeros(n)
-                        start = min(start + eff, len(order))
-                del loader
+                self.train_steps(ds, order, epoch, done)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not is_oom(exc):
                     raise
                 oom = True
             if oom:  # outside the except block: the failed step's tensors are released by now
                 self.opt.zero_grad(set_to_none=True)
-                self.shrink_batch(epoch, start // eff)
+                self.shrink_batch(epoch, done.start // self.effective_batch)
+        return self.epoch_row(epoch, done, rates)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.accumulate
+
+    def train_steps(self, ds: PatchDataset, order: List[int], epoch: int, done: "_Sums") -> None:
+        """The epoch's optimiser steps from sample ``done.start`` on, in micro-batches of the
+        current size; each finished step is added to ``done`` (a failed one adds nothing)."""
+        loader, updates = self.step_loader(ds, order, done.start)
+        step = _Sums(self.n_classes)
+        self.opt.zero_grad(set_to_none=True)
+        self._window_bad = []
+        for i, (x, y, d) in enumerate(loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            d = d.to(self.device, non_blocking=True) if d.numel() else None
+            step.pixels += np.bincount(y.reshape(-1).cpu().numpy(), minlength=self.n_classes)[:self.n_classes]
+            parts = self.train_step(x, y, d, epoch, updates[i], step=done.start // self.effective_batch)
+            step.add_loss({k: float(v.detach()) for k, v in parts.items()})
+            if updates[i]:  # the step is done: count it
+                done.absorb(step)
+                step = _Sums(self.n_classes)
+                done.start = min(done.start + self.effective_batch, len(order))
+        del loader
+
+    def epoch_row(self, epoch: int, done: "_Sums", rates: np.ndarray) -> Dict[str, Any]:
+        """The history row of an epoch: mean loss parts, lr, sampler rates, guards' counts."""
         row: Dict[str, Any] = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
-                               **{f"loss_{k}": v / max(nb, 1) for k, v in sums.items()}}
+                               **{f"loss_{k}": v / max(done.n, 1) for k, v in done.loss.items()}}
         for c, name in enumerate(self.class_names):
             row[f"centre_{name}"] = round(float(rates[c]), 4)
-            row[f"pixels_{name}"] = round(float(pixel_counts[c] / max(pixel_counts.sum(), 1)), 4)
+            row[f"pixels_{name}"] = round(float(done.pixels[c] / max(done.pixels.sum(), 1)), 4)
         row.update(bad_steps=self.nonfinite.epoch_bad, amp_skips=self.nonfinite.epoch_amp_skips,
-                   micro_batch=self.micro, accumulate=self.accum)
+                   micro_batch=self.batch.micro, accumulate=self.batch.accum)
         return row
 
     def shrink_batch(self, epoch: int, step: int) -> None:
@@ -358,9 +372,9 @@ class Trainer:
         free_memory(self.device)
         t = self.cfg.train
         where = f"the training step (epoch {epoch} step {step})"
-        msg = f"fold {self.fold} seed {self.seed}: " + oom_message(where, self.micro, self.accum, t.patch_size,
+        msg = f"fold {self.fold} seed {self.seed}: " + oom_message(where, self.batch.micro, self.batch.accum, t.patch_size,
                                                                    self.device, auto_batch=t.auto_batch)
-        nxt = smaller_batch(self.micro, self.accum)
+        nxt = smaller_batch(self.batch.micro, self.batch.accum)
         if not t.auto_batch or nxt is None:
             raise MemberOutOfMemory(msg)
         if self.ctx.enabled:
@@ -368,8 +382,8 @@ class Trainer:
                                           "keep the same batches: set the batch size above)")
         log.warning("fold %d seed %d epoch %d step %d: out of memory; auto_batch: micro-batch %d -> %d, "
                     "accumulate %d -> %d (effective batch %d kept), redoing the step", self.fold, self.seed,
-                    epoch, step, self.micro, nxt[0], self.accum, nxt[1], self.micro * self.accum)
-        self.micro, self.accum = nxt
+                    epoch, step, self.batch.micro, nxt[0], self.batch.accum, nxt[1], self.batch.micro * self.batch.accum)
+        self.batch.micro, self.batch.accum = nxt
 
     # ---- validate and checkpoint -------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
@@ -395,7 +409,7 @@ class Trainer:
         row["val_mcc"] = acc.mcc
         for r in acc.per_class(self.class_names):
             row[f"val_mcc_{r['class']}"] = r["mcc"]
-        row["val_window"] = self.val_window
+        row["val_window"] = self.batch.val_window
         if self.class_monitor is not None:
             warned = self.class_monitor.observe(epoch, acc.cm, [row[f"centre_{c}"] for c in self.class_names],
                                                 [row[f"pixels_{c}"] for c in self.class_names])
@@ -412,9 +426,9 @@ class Trainer:
         window halves until it fits (logged), otherwise ``MemberOutOfMemory``."""
         while True:
             cfg = self.cfg
-            if self.val_window != cfg.validation.window:
+            if self.batch.val_window != cfg.validation.window:
                 cfg = cfg.model_copy(deep=True)
-                cfg.validation.window = self.val_window
+                cfg.validation.window = self.batch.val_window
             oom = False
             try:
                 return validate(model, self.val_raw, self.val_labels, self.stats, self.device, cfg, self.n_classes,
@@ -426,33 +440,28 @@ class Trainer:
             if oom:
                 free_memory(self.device)
                 side = max(max(a.shape[-2:]) for a in self.val_raw.values())
-                used = min(self.val_window, -(-side // 32) * 32)  # the window actually run
+                used = min(self.batch.val_window, -(-side // 32) * 32)  # the window actually run
                 new = smaller_window(used, floor=32)
                 t = self.cfg.train
                 msg = f"fold {self.fold} seed {self.seed}: " + oom_message(
-                    "validation", self.micro, self.accum, t.patch_size, self.device, window=used)
+                    "validation", self.batch.micro, self.batch.accum, t.patch_size, self.device, window=used)
                 if not t.auto_batch or new is None:
                     raise MemberOutOfMemory(msg)
                 log.warning("fold %d seed %d: out of memory in validation; auto_batch: validation window %d -> %d",
                             self.fold, self.seed, used, new)
-                self.val_window = new
+                self.batch.val_window = new
 
     def guard_state(self) -> Dict[str, Any]:
         """What the guards carry over a resume (plain values: ``weights_only`` loads them)."""
+        state = {**self.batch.state_dict(), **self.nonfinite.state_dict()}
         cm = self.class_monitor
-        return {"micro": self.micro, "accum": self.accum, "val_window": self.val_window,
-                "bad_steps_total": self.nonfinite.total_bad,
-                "class_reported": list(cm.reported) if cm else [], "class_warnings": list(cm.warnings) if cm else [],
-                "class_streak": dict(cm.streak) if cm else {}}
+        state.update(cm.state_dict() if cm else {"class_reported": [], "class_warnings": [], "class_streak": {}})
+        return state
 
     def restore_guards(self, g: Dict[str, Any]) -> None:
-        self.micro, self.accum = int(g.get("micro", self.micro)), int(g.get("accum", self.accum))
-        self.val_window = int(g.get("val_window", self.val_window))
-        self.nonfinite.total_bad = int(g.get("bad_steps_total", 0))
-        if self.class_monitor is not None:
-            self.class_monitor.reported = list(g.get("class_reported", []))
-            self.class_monitor.warnings = list(g.get("class_warnings", []))
-            self.class_monitor.streak = dict(g.get("class_streak", {}))
+        for guard in (self.batch, self.nonfinite, self.class_monitor):
+            if guard is not None:
+                guard.load_state_dict(g)
 
     def check_finite(self, epoch: int) -> None:
         """Weights holding NaN/inf stop the member before anything is saved (every rank
@@ -503,7 +512,7 @@ class Trainer:
                      "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs,
                      "guards": self.guard_state()},
                     self.last_path)
-        _write_csv(RunDir(self.out_dir).log_csv(member_name(self.fold, self.seed)), self.history)
+        write_csv(RunDir(self.out_dir).log_csv(member_name(self.fold, self.seed)), self.history)
 
     # ---- finalise ---------------------------------------------------------------------------
     def finalise(self) -> Dict[str, Any]:
@@ -526,7 +535,7 @@ class Trainer:
                  "epochs_run": len(self.history), "stopped_early": self.stopped_early,
                  "train_seconds": round(time.time() - self.t0, 1),
                  "class_warnings": list(self.class_monitor.warnings) if self.class_monitor else [],
-                 "bad_steps": self.nonfinite.total_bad, "micro_batch": self.micro, "accumulate": self.accum}
+                 "bad_steps": self.nonfinite.total_bad, "micro_batch": self.batch.micro, "accumulate": self.batch.accum}
         assert_finite_state(final["state_dict"], self.out_path)  # never a member with NaN/inf weights
         save_atomic(final, self.out_path)
         for p in (self.last_path, self.best_path):
@@ -541,8 +550,8 @@ class Trainer:
         RunDir(self.out_dir).write_oof(member_name(self.fold, self.seed), probs, self.val_labels)
 
     # ---- the whole run ----------------------------------------------------------------------
-    def fit(self, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
-        """set-up -> restore -> (train one epoch -> validate -> checkpoint)* -> finalise."""
+    def fit(self) -> Dict[str, Any]:
+        """set-up -> restore -> (train one epoch -> validate -> checkpoint -> callbacks)* -> finalise."""
         os.makedirs(self.work_dir, exist_ok=True)
         self.setup_data()
         self.setup_model()
@@ -567,14 +576,36 @@ class Trainer:
                     self.stopped_early = True
                     break
                 ctx.barrier()
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    raise KeyboardInterrupt(f"stopped after epoch {epoch} (test hook)")
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, row)
         finally:
             if reporter is not None:
                 reporter.close()
         result = self.finalise()
         ctx.barrier()
         return result
+
+
+class _Sums:
+    """Loss sums, micro-batch count and label pixels over finished optimiser steps."""
+
+    def __init__(self, n_classes: int):
+        self.loss: Dict[str, float] = {}
+        self.n = 0
+        self.pixels = np.zeros(n_classes)
+        self.start = 0
+
+    def add_loss(self, vals: Dict[str, float]) -> None:
+        if not nonfinite_parts(vals):  # a skipped step's NaN stays out of the means
+            for k, v in vals.items():
+                self.loss[k] = self.loss.get(k, 0.0) + v
+            self.n += 1
+
+    def absorb(self, other: "_Sums") -> None:
+        for k, v in other.loss.items():
+            self.loss[k] = self.loss.get(k, 0.0) + v
+        self.n += other.n
+        self.pixels += other.pixels
 
 
 def _cpu_optimizer_state(sd: Dict[str, Any]) -> Dict[str, Any]:

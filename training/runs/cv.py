@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from training.rundir import RunDir, member_name
 from training.runs.members import resolve_members
@@ -71,82 +71,99 @@ def cv(run: CvRun, echo: Echo = echo_stdout) -> Dict[str, Any]:
     return run_cv(run, echo=echo)
 
 
-def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
-    """The parent of DDP ranks or fold-parallel workers: checks the inputs, holds the
-    lock, starts the children, fails loudly when any of them fails."""
-    from training.engine.launch import Worker, describe_rc, run_torchrun, run_workers, split_cpus, worker_devices
+def _take_lock(run: CvRun, echo: Echo):
+    """The run lock on ``--out``; a lock left by a dead process is taken over with a note."""
     from training.engine.runlock import LockedError, RunLock
 
-    prep = prepare(run)
-    devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
     try:
         lock = RunLock(run.out).acquire()
     except LockedError as exc:
         raise CvError(str(exc)) from None
+    if lock.took_over:
+        echo(f"note: took over the lock on {run.out} left by process {lock.took_over.get('pid')} "
+             "(no longer running)")
+    return lock
+
+
+def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
+    """The parent of DDP ranks or fold-parallel workers: checks the inputs, holds the
+    lock, starts the children, fails loudly when any of them fails."""
+    from training.engine.launch import worker_devices
+
+    prep = prepare(run)
+    devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
+    lock = _take_lock(run, echo)
     try:
-        if lock.took_over:
-            echo(f"note: took over the lock on {run.out} left by process {lock.took_over.get('pid')} "
-                 "(no longer running)")
         RunDir(run.out).clean_temps()
         resolve_members(run.out, prep.folds, run.folds_path, prep.cfg.model_dump(), run.force_retrain, echo)
         child = replace(run, force_retrain=False, parent_lock=True)
         if run.gpus > 1:
-            rc = run_torchrun(run.gpus, replace(child, gpus=1).cli_args(), echo)
-            if rc != 0:
-                raise CvError(f"the DDP run {describe_rc(rc)}; finished members are kept, re-run the same "
-                              "command to resume")
-            return {}
-        n = run.parallel_folds
-        cpu = split_cpus(n, prep.cfg.train.num_workers)
-        workers = []
-        for i in range(n):
-            mine = tuple(prep.fold_ids[i::n])
-            if not mine:
-                continue
-            env = dict(os.environ)
-            env.pop("WORLD_SIZE", None)
-            env["OMP_NUM_THREADS"] = str(cpu["threads"])
-            if devices[i] is not None:
-                env["CUDA_VISIBLE_DEVICES"] = devices[i]
-            args = replace(child, parallel_folds=1, only_folds=mine, worker=i,
-                           loader_workers=cpu["loader_workers"]).cli_args()
-            where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
-            workers.append(Worker(i, [sys.executable, "-m", "training.cli", *args], env,
-                                  f"{where}, folds {list(mine)}", RunDir(run.out).worker_log(i)))
-        failed = run_workers(workers, echo=echo)
-        if failed:
-            lost = sorted(f for w in failed for f in prep.fold_ids[w.wid::n])
-            raise CvError(f"{len(failed)} of {len(workers)} fold-parallel workers failed (folds {lost} are not "
-                          "finished; nothing was retrained in their place). Fix the cause above, then re-run "
-                          "the same command: finished members are kept and cut ones resume.")
+            return _launch_ddp(child, echo)
+        _launch_folds(child, prep, devices, echo)
         return run_cv(replace(run, parallel_folds=1, parent_lock=True), echo=echo, train=False, prep=prep)
     finally:
         lock.release()
 
 
+def _launch_ddp(child: CvRun, echo: Echo) -> Dict[str, Any]:
+    from training.engine.launch import describe_rc, run_torchrun
+
+    rc = run_torchrun(child.gpus, replace(child, gpus=1).cli_args(), echo)
+    if rc != 0:
+        raise CvError(f"the DDP run {describe_rc(rc)}; finished members are kept, re-run the same "
+                      "command to resume")
+    return {}
+
+
+def _launch_folds(child: CvRun, prep: _Prepared, devices: List[Optional[str]], echo: Echo) -> None:
+    """One worker process per GPU (or CPU share), each training its share of the folds."""
+    from training.engine.launch import Worker, run_workers, split_cpus
+
+    n = child.parallel_folds
+    cpu = split_cpus(n, prep.cfg.train.num_workers)
+    workers = []
+    for i in range(n):
+        mine = tuple(prep.fold_ids[i::n])
+        if not mine:
+            continue
+        env = dict(os.environ)
+        env.pop("WORLD_SIZE", None)
+        env["OMP_NUM_THREADS"] = str(cpu["threads"])
+        if devices[i] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        args = replace(child, parallel_folds=1, only_folds=mine, worker=i,
+                       loader_workers=cpu["loader_workers"]).cli_args()
+        where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
+        workers.append(Worker(i, [sys.executable, "-m", "training.cli", *args], env,
+                              f"{where}, folds {list(mine)}", RunDir(child.out).worker_log(i)))
+    failed = run_workers(workers, echo=echo)
+    if failed:
+        lost = sorted(f for w in failed for f in prep.fold_ids[w.wid::n])
+        raise CvError(f"{len(failed)} of {len(workers)} fold-parallel workers failed (folds {lost} are not "
+                      "finished; nothing was retrained in their place). Fix the cause above, then re-run "
+                      "the same command: finished members are kept and cut ones resume.")
+
+
 def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optional[_Prepared] = None,
-           stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+           callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     """Train (``train``) every fold x seed of ``run`` in this process (one DDP rank under
     torchrun), then write and print the summary. ``train=False`` only summarises and
-    fails if a member is missing (nothing is retrained behind the user's back)."""
+    fails if a member is missing (nothing is retrained behind the user's back).
+    ``callbacks`` (training/engine/callbacks.py) go to every member's trainer."""
     from training.engine.distributed import cleanup, init_distributed
-    from training.engine.runlock import LockedError, RunLock
 
     prep = prep or prepare(run)
     ctx = init_distributed(run.device)
     lock = None
     if ctx.is_main and not run.parent_lock:
         try:
-            lock = RunLock(run.out).acquire()
-        except LockedError as exc:
+            lock = _take_lock(run, echo)
+        except CvError:
             cleanup(ctx)
-            raise CvError(str(exc)) from None
-        if lock.took_over:
-            echo(f"note: took over the lock on {run.out} left by process {lock.took_over.get('pid')} "
-                 "(no longer running)")
+            raise
     try:
         try:
-            failed = _train_jobs(run, prep, ctx, echo, train, stop_after_epoch, clean=lock is not None)
+            failed = _train_jobs(run, prep, ctx, echo, train, callbacks, clean=lock is not None)
         finally:
             cleanup(ctx)
         if not ctx.is_main:
@@ -162,60 +179,68 @@ def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optio
             lock.release()
 
 
-def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, stop_after_epoch: Optional[int],
-                clean: bool) -> List[Dict[str, Any]]:
-    """Train the members still to do; returns the ones a guard stopped (diverged, out of
-    memory): the others still train. Under DDP a stopped member ends the run."""
-    from training.folds import fold_split
-    from training.engine.guards import MemberFailed
-    from training.engine.trainer import Trainer
-
-    cfg, folds, dataset, jobs = prep.cfg, prep.folds, prep.dataset, prep.jobs
+def _todo(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, clean: bool) -> List[Tuple[int, int]]:
+    """The members still to train, after the finished ones were checked against this run
+    (every rank decides alike; only rank 0 deletes)."""
     if ctx.is_main:
         os.makedirs(run.out, exist_ok=True)
         if clean:
             RunDir(run.out).clean_temps()
-    # every rank decides the same way which members to train; only rank 0 deletes
-    resolve_members(run.out, folds, run.folds_path, cfg.model_dump(), run.force_retrain, echo,
+    resolve_members(run.out, prep.folds, run.folds_path, prep.cfg.model_dump(), run.force_retrain, echo,
                     delete=ctx.is_main)
     ctx.barrier()
-    rd = RunDir(run.out)
-    todo = [j for j in jobs if not os.path.exists(rd.member(*j))]
+    todo = [j for j in prep.jobs if not os.path.exists(RunDir(run.out).member(*j))]
     if not train and todo:
         raise CvError(f"members {todo} are missing after training; re-run the same command")
-    init_state = None
-    if cfg.init_from and todo:
-        from training.runs.transfer import load_init_state
+    return todo
 
-        lines: List[str] = []
-        init_state = load_init_state(cfg.init_from, cfg, lines)
-        if ctx.is_main:
-            for line in lines:
-                echo(line)
+
+def _init_state(prep: _Prepared, ctx, echo: Echo):
+    """``--init-from``: the pre-trained tensors that fit this run's model (None without)."""
+    from training.runs.transfer import load_init_state
+
+    lines: List[str] = []
+    state = load_init_state(prep.cfg.init_from, prep.cfg, lines)
+    if ctx.is_main:
+        for line in lines:
+            echo(line)
+    return state
+
+
+def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callbacks: Sequence[Any],
+                clean: bool) -> List[Dict[str, Any]]:
+    """Train the members still to do; returns the ones a guard stopped (diverged, out of
+    memory): the others still train. Under DDP a stopped member ends the run."""
+    from training.engine.guards import MemberFailed
+    from training.engine.trainer import Trainer
+    from training.folds import fold_split
+
+    jobs, rd = prep.jobs, RunDir(run.out)
+    todo = _todo(run, prep, ctx, echo, train, clean)
+    init_state = _init_state(prep, ctx, echo) if prep.cfg.init_from and todo else None
     tag = f"[worker {run.worker}] " if run.worker is not None else ""
     failed: List[Dict[str, Any]] = []
     for i, (fold, seed) in enumerate(jobs):
-        path = rd.member(fold, seed)
+        head, path = f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}", rd.member(fold, seed)
         if (fold, seed) not in todo:
             if ctx.is_main and train:
-                echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: done already ({path}), reused")
+                echo(f"{head}: done already ({path}), reused")
             continue
-        train_keys, val_keys = fold_split(folds, fold)
-        after = sum(1 for j in jobs[i + 1:] if j in todo)
+        train_keys, val_keys = fold_split(prep.folds, fold)
         try:
-            res = Trainer(cfg, dataset, train_keys, val_keys, fold, seed, path,
+            res = Trainer(prep.cfg, prep.dataset, train_keys, val_keys, fold, seed, path,
                           rd.work_dir(member_name(fold, seed)), ctx, init_state=init_state,
-                          progress=run.progress and run.worker is None, members_after=after, worker=run.worker,
-                          loader_workers=run.loader_workers).fit(stop_after_epoch)
+                          progress=run.progress and run.worker is None,
+                          members_after=sum(1 for j in jobs[i + 1:] if j in todo), worker=run.worker,
+                          loader_workers=run.loader_workers, callbacks=callbacks).fit()
         except MemberFailed as exc:
             if ctx.enabled:
                 raise CvError(str(exc)) from None
             failed.append({"fold": fold, "seed": seed, "kind": exc.kind, "message": str(exc)})
-            echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: FAILED ({exc.kind}): {exc}")
+            echo(f"{head}: FAILED ({exc.kind}): {exc}")
             continue
         if ctx.is_main:
-            echo(f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}: val MCC {res['val_mcc']:.4f} "
-                 f"(best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
+            echo(f"{head}: val MCC {res['val_mcc']:.4f} (best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
     return failed
 
 
