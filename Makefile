@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 DEMO ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-compat test-slow test-all venv39 clean bench
+.PHONY: setup lint demo test test-compat test-slow test-all venv39 clean bench
 
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 demo: setup
 	@bash scripts/demo.sh $(DEMO)

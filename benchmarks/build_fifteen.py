@@ -18,12 +18,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
+import torch
 
-from _common import write_result  # noqa: E402
-from glacier_runtime.classes import class_map  # noqa: E402
-from glacier_runtime.models import build_model  # noqa: E402
-from training.engine.checkpoint import FORMAT, save_atomic  # noqa: E402
+from _common import write_result
+from glacier_runtime.classes import class_map
+from glacier_runtime.models import build_model
+from training.engine.checkpoint import FORMAT, save_atomic
 
 SPEC = {"arch": "Unet", "encoder": "resnet34", "in_channels": 5, "classes": 4,
         "decoder_channels": [256, 128, 64, 32, 16], "decoder_attention_type": "scse"}

@@ -33,13 +33,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from glacier_runtime.backends import OnnxRunner, TorchRunner, onnxruntime_available  # noqa: E402
-from glacier_runtime.models import build_model  # noqa: E402
-from glacier_runtime.normalize import identity_stats  # noqa: E402
-from glacier_runtime.predictor import Member, Predictor  # noqa: E402
-from glacier_runtime.tta import resolve_views  # noqa: E402
+from glacier_runtime.backends import OnnxRunner, TorchRunner, onnxruntime_available
+from glacier_runtime.models import build_model
+from glacier_runtime.normalize import identity_stats
+from glacier_runtime.predictor import Member, Predictor
+from glacier_runtime.tta import resolve_views
 
 
 def conv_flops(model: torch.nn.Module, shape) -> float:

@@ -21,17 +21,17 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from glacier_runtime.normalize import normalize  # noqa: E402
-from training.data.augment import build_augment  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data.competition import CompetitionDataset  # noqa: E402
-from training.data.patches import PatchDataset  # noqa: E402
-from training.losses import CombinedLoss  # noqa: E402
-from training.models import create_model, model_spec  # noqa: E402
-from training.data.sampling import PixelBalancedSampler  # noqa: E402
-from training.stats import compute_stats  # noqa: E402
+from glacier_runtime.normalize import normalize
+from training.data.augment import build_augment
+from training.config import load_config
+from training.data.competition import CompetitionDataset
+from training.data.patches import PatchDataset
+from training.losses import CombinedLoss
+from training.models import create_model, model_spec
+from training.data.sampling import PixelBalancedSampler
+from training.stats import compute_stats
 
 SEED_GUIDE_PATCHES_PER_S = 1024 / 15.0  # two T4s, competition config
 

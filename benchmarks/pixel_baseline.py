@@ -19,10 +19,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from training.data.competition import CompetitionDataset  # noqa: E402
-from training.metrics import ConfusionAccumulator  # noqa: E402
+from training.data.competition import CompetitionDataset
+from training.metrics import ConfusionAccumulator
 
 
 def features(img: np.ndarray) -> np.ndarray:

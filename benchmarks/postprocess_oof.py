@@ -15,11 +15,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import write_result  # noqa: E402
-from glacier_submit.postprocessing import load_postprocess  # noqa: E402
-from glacier_runtime import postprocess  # noqa: E402
-from training.rundir import OOFMember, RunDir, read_oof  # noqa: E402
-from training.metrics import ConfusionAccumulator  # noqa: E402
+from _common import write_result
+from glacier_submit.postprocessing import load_postprocess
+from glacier_runtime import postprocess
+from training.rundir import OOFMember, RunDir, read_oof
+from training.metrics import ConfusionAccumulator
 
 
 def score(ids, labels) -> float:

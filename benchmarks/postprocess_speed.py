@@ -33,9 +33,9 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from glacier_runtime import postprocess  # noqa: E402
+from glacier_runtime import postprocess
 
 # ---------------------------------------------------------------------------------------------
 # BASELINE: the previous implementation (quadratic in the number of components), verbatim but
@@ -103,7 +103,8 @@ def BASELINE_lake_shape(mask, cls, min_area, min_width, n_classes, budget):
     n, lab, area = _b_components(mask == cls, 8)
     if n <= 1:
         return out
-    dist = cv2.distanceTransform(np.pad((mask == cls).astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1] if min_width else None
+    dist = (cv2.distanceTransform(np.pad((mask == cls).astype(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+            if min_width else None)
     for i in range(1, n):
         comp = lab == i
         thin = dist is not None and 2.0 * float(dist[comp].max()) < min_width
@@ -267,7 +268,8 @@ def main() -> None:
                 except _Cut:
                     spent = time.perf_counter() - t
                     total = _count_work(mask, rules)
-                    old_s, how, equal = spent * total / max(budget.done, 1), f"extrapolated ({budget.done}/{total} components in {spent:.1f} s)", None
+                    how = f"extrapolated ({budget.done}/{total} components in {spent:.1f} s)"
+                    old_s, equal = spent * total / max(budget.done, 1), None
                 row = {"size": size, "mask": kind, "components": ncomp, "preset": preset,
                        "new_s": round(new_s, 4), "new_cpu_s": round(new_cpu, 4), "old_s": round(old_s, 2), "old": how,
                        "speedup": round(old_s / new_s, 1), "equal": equal, **extra}

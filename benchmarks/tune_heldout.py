@@ -24,7 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import write_result  # noqa: E402
+from benchmarks._common import write_result
 
 BIN = os.path.dirname(sys.executable)
 

@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from .decision import log_probs
+
 DEFAULTS: Dict[str, Any] = {"iterations": 5, "window": 5, "theta_pos": 3.0, "theta_app": 0.5,
                             "w_app": 1.0, "theta_smooth": 1.5, "w_smooth": 0.5}
 
@@ -47,7 +49,7 @@ def crf_refine(probs: np.ndarray, features: np.ndarray, cfg: Optional[Mapping[st
         raise ValueError(f"crf: features {features.shape} do not match probabilities {probs.shape}")
     r = int(c["window"]) // 2
     with torch.no_grad():
-        unary = torch.from_numpy(np.log(np.maximum(probs, 1e-8)).astype(np.float32))
+        unary = torch.from_numpy(log_probs(probs).astype(np.float32))
         f = torch.from_numpy(np.nan_to_num(features.astype(np.float32), nan=0.0)) / float(c["theta_app"])
         fpad = torch.nn.functional.pad(f[None], (r, r, r, r), mode="replicate")[0]
         # one weight map per offset: w_app * appearance kernel + w_smooth * smoothness kernel

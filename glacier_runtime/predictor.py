@@ -154,7 +154,7 @@ class Predictor:
         stride = int(self.cfg.stride)
         items: List[Tuple[int, float, Any]] = []
         inputs: Dict[Tuple[int, float], torch.Tensor] = {}
-        for mi, (member, x) in enumerate(zip(mems, windows)):
+        for mi, x in enumerate(windows):
             xt = torch.from_numpy(np.ascontiguousarray(x))[None]
             for s in scales:
                 size = scaled_size(h, w, s, stride) if s != 1.0 else (h, w)

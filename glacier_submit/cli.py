@@ -56,26 +56,51 @@ def cli(verbose: bool) -> None:
 @click.option("--out", default="submission", show_default=True, type=click.Path(file_okay=False), help="Bundle folder.")
 @click.option("--tta", default="none", show_default=True, help=TTA_HELP)
 @click.option("--scales", default="1", show_default=True, help="Comma list of test scales, e.g. 0.75,1,1.25.")
-@click.option("--merge", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True, help="Ensemble merge: mean, or weighted by validation MCC (or --weights).")
+@click.option("--merge", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True,
+    help="Ensemble merge: mean, or weighted by validation MCC (or --weights).")
 @click.option("--weights", default=None, help="Comma list of member weights (implies --merge weighted).")
-@click.option("--postprocess", default="none", show_default=True, help="Preset shipped in glacier_submit/presets (none, light, competition) or a YAML path.")
-@click.option("--crf", is_flag=True, help="Refine the merged probabilities with a convolutional CRF on the tile's bands (glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it helps.")
-@click.option("--bias", default="auto", show_default=True, help="auto (tune on out-of-fold predictions beside the members; left at 0 under --crf, whose output it would shift), none, or comma list per class.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True, help="auto: pure-torch runtime when every member has one, else ONNX.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True, help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb. int8: static int8 ONNX graphs (needs --calib-data; backend onnx, so onnxruntime where the bundle runs; docs/BUNDLE.md).")
-@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None, help="--precision int8: the training folder the members were trained on; each member is calibrated on its own training tiles (default: --tune-data).")
-@click.option("--allow-int8", is_flag=True, help="Let --time-budget switch to int8 (same calibration and agreement check) when fp32 is too slow, before any TTA, scale or member is dropped.")
-@click.option("--int8-min-agreement", type=click.FloatRange(0.0, 100.0), default=99.5, show_default=True, help="--precision int8: refuse int8 when its class maps equal fp32's on fewer than this percent of pixels.")
+@click.option("--postprocess", default="none", show_default=True,
+    help="Preset shipped in glacier_submit/presets (none, light, competition) or a YAML path.")
+@click.option("--crf", is_flag=True,
+    help="Refine the merged probabilities with a convolutional CRF on the tile's bands "
+         "(glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it "
+         "helps.")
+@click.option("--bias", default="auto", show_default=True,
+    help="auto (tune on out-of-fold predictions beside the members; left at 0 under --crf, whose output it "
+         "would shift), none, or comma list per class.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+    help="auto: pure-torch runtime when every member has one, else ONNX.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
+    help="Weight storage; auto switches to fp16 only if fp32 exceeds --max-mb. int8: static int8 ONNX graphs "
+         "(needs --calib-data; backend onnx, so onnxruntime where the bundle runs; docs/BUNDLE.md).")
+@click.option("--calib-data", type=click.Path(exists=True, file_okay=False), default=None,
+    help="--precision int8: the training folder the members were trained on; each member is calibrated on its "
+         "own training tiles (default: --tune-data).")
+@click.option("--allow-int8", is_flag=True,
+    help="Let --time-budget switch to int8 (same calibration and agreement check) when fp32 is too slow, "
+         "before any TTA, scale or member is dropped.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0.0, 100.0), default=99.5, show_default=True,
+    help="--precision int8: refuse int8 when its class maps equal fp32's on fewer than this percent of pixels.")
 @click.option("--max-mb", default=300.0, show_default=True, type=float, help="Size budget for the uploaded files.")
-@click.option("--time-budget", default=None, type=float, help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> none), then the weakest members.")
+@click.option("--time-budget", default=None, type=float,
+    help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> "
+         "none), then the weakest members.")
 @click.option("--test-tiles", default=100, show_default=True, type=int, help="Number of test tiles for the total time estimate.")
-@click.option("--check-data", type=click.Path(exists=True, file_okay=False), help="Take the timing check tile from this folder (default: a synthetic 512x512 tile).")
+@click.option("--check-data", type=click.Path(exists=True, file_okay=False),
+    help="Take the timing check tile from this folder (default: a synthetic 512x512 tile).")
 @click.option("--single-file", is_flag=True, help="Embed the weights in solution.py (for platforms that accept one file).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the timing check (cpu or cuda).")
-@click.option("--max-members", type=click.IntRange(min=1), default=None, help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
-@click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True, help="oof: choose seeds per fold, TTA, scales, CRF, bias and post-processing from the members' out-of-fold predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then ignored.")
-@click.option("--tune-data", type=click.Path(exists=True, file_okay=False), default=None, help="The training folder the members were trained on: lets --tune oof re-predict OOF tiles to judge TTA and scales.")
-@click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True, help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
+@click.option("--max-members", type=click.IntRange(min=1), default=None,
+    help="Keep at most N members (strongest by validation MCC, each fold's strongest first).")
+@click.option("--tune", type=click.Choice(["none", "oof"]), default="none", show_default=True,
+    help="oof: choose seeds per fold, TTA, scales, CRF, bias and post-processing from the members' out-of-fold"
+         " predictions (bootstrap over tiles; docs/DECISIONS.md); --tta/--scales/--postprocess/--bias are then"
+         " ignored.")
+@click.option("--tune-data", type=click.Path(exists=True, file_okay=False), default=None,
+    help="The training folder the members were trained on: lets --tune oof re-predict OOF tiles to judge TTA "
+         "and scales.")
+@click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
+    help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
 def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, backend, precision, calib_data,
           allow_int8, int8_min_agreement, max_mb, time_budget, test_tiles, check_data, single_file, device, max_members, tune,
           tune_data, tune_confidence):
@@ -185,12 +210,16 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
 @click.option("--fold", type=int, default=None, help="Evaluate this fold's validation tiles (needs --folds).")
 @click.option("--folds", type=click.Path(exists=True, dir_okay=False), help="folds.json.")
 @click.option("--tiles", multiple=True, help="Evaluate only these tile ids (repeatable).")
-@click.option("--convention", type=click.Choice(["imagepath", "data-dict", "import-call"]), default="imagepath", show_default=True, help="How the platform calls the bundle.")
-@click.option("--timeout", type=float, default=None, help="Kill the bundle after this many seconds (default 600, the sandbox's stand-in for the platform's unpublished limit).")
+@click.option("--convention", type=click.Choice(["imagepath", "data-dict", "import-call"]), default="imagepath", show_default=True,
+    help="How the platform calls the bundle.")
+@click.option("--timeout", type=float, default=None,
+    help="Kill the bundle after this many seconds (default 600, the sandbox's stand-in for the platform's "
+         "unpublished limit).")
 @click.option("--allow-leak", is_flag=True, help="Evaluate even if members trained on these tiles (report stamped LEAKY).")
 @click.option("--compare", is_flag=True, help="Ablations: TTA sets, single member vs ensemble, each post-processing rule, bias.")
 @click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--python", "python_exe", default=None, help="Interpreter for the bundle (e.g. .venv39/bin/python for the platform's Python 3.9 + torch 2.0).")
+@click.option("--python", "python_exe", default=None,
+    help="Interpreter for the bundle (e.g. .venv39/bin/python for the platform's Python 3.9 + torch 2.0).")
 @click.option("--label-mode", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True)
 def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, compare, out, python_exe, label_mode):
     """Run the bundle as the platform does on held-out tiles, score it and write a report."""

@@ -55,7 +55,8 @@ def untracked_tuning(manifest: Manifest) -> List[str]:
     """Settings tuned on data whose tile ids the manifest does not record (older bundles)."""
     bias = manifest.bias
     if str(bias.mode or "").startswith("tuned") and "bias" not in manifest.tuned_on_tiles:
-        return [f"the bias was tuned on {bias.oof_tiles if bias.oof_tiles is not None else '?'} out-of-fold tiles that this manifest does not "
+        n = bias.oof_tiles if bias.oof_tiles is not None else "?"
+        return [f"the bias was tuned on {n} out-of-fold tiles that this manifest does not "
                 "name: the leakage guard cannot check them; rebuild the bundle to record them"]
     return []
 

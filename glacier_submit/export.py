@@ -42,7 +42,7 @@ def export_onnx(model: torch.nn.Module, in_channels: int, opset: int = 17, fp16:
             torch.onnx.export(model, (x,), buf, dynamo=False, **kwargs)
         except TypeError:  # torch without the dynamo switch
             torch.onnx.export(model, (x,), buf, **kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ExportError(
             f"ONNX export failed: {exc}. A layer of this architecture has no ONNX opset-{opset} form; "
             "use a supported architecture (Unet with resnet18/34/50) or --backend torch.") from exc

@@ -56,7 +56,8 @@ if conv == "import-call":
     mod = importlib.util.module_from_spec(spec)
     sys.modules["solution"] = mod
     spec.loader.exec_module(mod)
-    band_dict = {n: os.path.join(data, n) for n in sorted(os.listdir(data)) if os.path.isdir(os.path.join(data, n)) and n.lower().startswith("band")}
+    band_dict = {n: os.path.join(data, n) for n in sorted(os.listdir(data))
+                 if os.path.isdir(os.path.join(data, n)) and n.lower().startswith("band")}
     model = os.path.join(bundle, "model.pth")
     result = mod.maskgeration(band_dict, model if os.path.exists(model) else None)
     import numpy as np

@@ -26,10 +26,14 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write train/ (and unseen/) into.")
-@click.option("--tiles", default=25, show_default=True, type=click.IntRange(1, 10_000), help="Number of training tiles (a scene grid cut into row_col tiles).")
-@click.option("--size", nargs=2, type=click.IntRange(32, 8192), default=(512, 512), show_default=True, help="Tile height and width in pixels.")
+@click.option("--tiles", default=25, show_default=True, type=click.IntRange(1, 10_000),
+    help="Number of training tiles (a scene grid cut into row_col tiles).")
+@click.option("--size", nargs=2, type=click.IntRange(32, 8192), default=(512, 512), show_default=True,
+    help="Tile height and width in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed writes the same files.")
-@click.option("--unseen-tiles", default=0, show_default=True, type=click.IntRange(0, 10_000), help="Also write an 'unseen region' split (shifted illumination, elevation, class mix) to OUT/unseen with test-style names img001.tif.")
+@click.option("--unseen-tiles", default=0, show_default=True, type=click.IntRange(0, 10_000),
+    help="Also write an 'unseen region' split (shifted illumination, elevation, class mix) to OUT/unseen with "
+         "test-style names img001.tif.")
 @click.option("--force", is_flag=True, help="Write even into a folder holding files synth did not write (they may be overwritten).")
 def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: int, force: bool) -> None:
     """Write the synthetic benchmark in the exact competition layout."""
@@ -93,7 +97,8 @@ def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--k", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of folds.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for tie-breaking; same seed, same folds.")
-@click.option("--block", default=2, show_default=True, type=click.IntRange(1, 1000), help="Spatial block size in grid cells: tiles in one block x block cell share a fold.")
+@click.option("--block", default=2, show_default=True, type=click.IntRange(1, 1000),
+    help="Spatial block size in grid cells: tiles in one block x block cell share a fold.")
 @click.option("--out", default="folds.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write the folds.")
 @LABEL_MODE
 def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -> None:
@@ -123,16 +128,24 @@ def _fail(exc: BaseException) -> "click.ClickException":
 @click.command("cv")
 @click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/).")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Competition-layout training folder.")
-@click.option("--folds", "folds_path", required=True, type=click.Path(exists=True, dir_okay=False), help="folds.json from `glacier-train folds`.")
-@click.option("--seeds", "seeds", multiple=True, type=int, default=(0,), show_default=True, help="Seeds: --seeds 0 1 2 (or repeat the flag).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for fold{k}_seed{s}.pt, oof/, logs/, cv_summary.json (locked while a run uses it).")
+@click.option("--folds", "folds_path", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="folds.json from `glacier-train folds`.")
+@click.option("--seeds", "seeds", multiple=True, type=int, default=(0,), show_default=True,
+    help="Seeds: --seeds 0 1 2 (or repeat the flag).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+    help="Output folder for fold{k}_seed{s}.pt, oof/, logs/, cv_summary.json (locked while a run uses it).")
 @click.option("--fold", "only_folds", multiple=True, type=int, help="Train only these folds (repeatable).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
-@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun; NCCL on CUDA, gloo on CPU): one fold at a time.")
-@click.option("--parallel-folds", default=1, show_default=True, type=click.IntRange(1, 16), help="Train this many folds at once, one GPU each (usually the better use of two T4s). Not with --gpus.")
-@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), help="Initialise from a pre-trained checkpoint (layers matched by name).")
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16),
+    help="DDP over this many processes (torchrun; NCCL on CUDA, gloo on CPU): one fold at a time.")
+@click.option("--parallel-folds", default=1, show_default=True, type=click.IntRange(1, 16),
+    help="Train this many folds at once, one GPU each (usually the better use of two T4s). Not with --gpus.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False),
+    help="Initialise from a pre-trained checkpoint (layers matched by name).")
 @click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
-@click.option("--force-retrain", is_flag=True, help="Replace finished members whose fold tiles or config differ from this run's (otherwise the run stops and names the difference).")
+@click.option("--force-retrain", is_flag=True,
+    help="Replace finished members whose fold tiles or config differ from this run's (otherwise the run stops "
+         "and names the difference).")
 @click.option("--no-progress", is_flag=True, help="No progress bars: one line per epoch even on a terminal.")
 @click.option("--worker-id", type=int, hidden=True)
 @click.option("--loader-workers", type=int, hidden=True)
@@ -161,9 +174,12 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
 
 
 @click.command("pretrain")
-@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Folder of extracted HKH patches (img_*.npy / mask_*.npy; train/ and val/ optional).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write, e.g. pretrained/hkh.pt (keep it out of the members' folder).")
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
+    help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+    help="Folder of extracted HKH patches (img_*.npy / mask_*.npy; train/ and val/ optional).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+    help="Checkpoint to write, e.g. pretrained/hkh.pt (keep it out of the members' folder).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--val-patches", default=64, show_default=True, type=int, help="Validation patches scored each epoch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))

@@ -39,7 +39,7 @@ def named_weights_refusal(name: str) -> Optional[str]:
 def _encoder_state(path: str) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise EncoderWeightsError(f"model.encoder_weights: cannot read {path} as a torch state dict ({exc})") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

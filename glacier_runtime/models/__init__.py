@@ -5,7 +5,7 @@ turns an architecture spec (a plain dict stored in every checkpoint) into a modu
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Mapping
 
 import torch.nn as nn
 

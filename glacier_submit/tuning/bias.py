@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from glacier_runtime.decision import biased_argmax
+from glacier_runtime.decision import biased_argmax, log_probs
 from training.metrics import confusion, mcc_from_confusion
 
 
@@ -63,8 +63,8 @@ def logp_pixels(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], max_p
                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """(N, K) log-probabilities and (N,) labels of the tiles' pixels (subsampled to ``max_pixels``)."""
     k = probs[0].shape[0]
-    lp = np.concatenate([np.log(np.maximum(p.reshape(k, -1).T.astype(np.float32), 1e-8)) for p in probs])
-    y = np.concatenate([l.reshape(-1) for l in labels]).astype(np.int64)
+    lp = np.concatenate([log_probs(p.reshape(k, -1).T.astype(np.float32)) for p in probs])
+    y = np.concatenate([lab.reshape(-1) for lab in labels]).astype(np.int64)
     if len(y) > max_pixels:
         idx = np.random.default_rng(seed).choice(len(y), max_pixels, replace=False)
         lp, y = lp[idx], y[idx]

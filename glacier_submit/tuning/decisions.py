@@ -194,7 +194,7 @@ def decide_tta(st: TuneState) -> List[Decision]:
     out = []
     for tta in [t for t in st.tta_candidates if t != "none"]:
         d = st.attempt("tta", st.settings["tta"], tta, dict(st.settings, tta=tta),
-                       lambda: st.predict(st.keys, tta, list(st.settings["scales"]), st.settings["members"]))
+                       lambda tta=tta: st.predict(st.keys, tta, list(st.settings["scales"]), st.settings["members"]))
         if d.adopted:
             st.settings["tta"] = tta
         out.append(d)
@@ -208,7 +208,7 @@ def decide_scales(st: TuneState) -> List[Decision]:
     out = []
     for sc in [list(map(float, s)) for s in st.scale_candidates if list(s) != [1.0]]:
         d = st.attempt("scales", st.settings["scales"], sc, dict(st.settings, scales=sc),
-                       lambda: st.predict(st.keys, st.settings["tta"], sc, st.settings["members"]))
+                       lambda sc=sc: st.predict(st.keys, st.settings["tta"], sc, st.settings["members"]))
         if d.adopted:
             st.settings["scales"] = sc
         out.append(d)

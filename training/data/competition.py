@@ -62,7 +62,7 @@ def read_raster(path: str) -> Tuple[np.ndarray, Optional[float]]:
         ) from exc
     except TileReadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - GDAL raises a zoo of errors on truncated data
+    except Exception as exc:
         raise TileReadError(
             f"cannot decode {path}: {exc}. The file is corrupt or truncated; re-export or re-download it."
         ) from exc

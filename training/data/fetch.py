@@ -167,16 +167,23 @@ def fetch(source: str, out: str, mirrors: Sequence[str] = (), sha256: Optional[s
 @click.command("fetch")
 @click.argument("source")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the archive (and, by default, its contents).")
-@click.option("--mirror", "mirrors", multiple=True, help="A URL to use (repeatable, tried in order). For hkh it replaces the built-in mirrors; for a URL it adds fall-backs.")
-@click.option("--sha256", default=None, help="Expected SHA-256 of the archive (hex). Without it the digest of the size-checked download is recorded in NAME.sha256.")
+@click.option("--mirror", "mirrors", multiple=True,
+    help="A URL to use (repeatable, tried in order). For hkh it replaces the built-in mirrors; for a URL it "
+         "adds fall-backs.")
+@click.option("--sha256", default=None,
+    help="Expected SHA-256 of the archive (hex). Without it the digest of the size-checked download is "
+         "recorded in NAME.sha256.")
 @click.option("--name", default=None, help="File name for the archive (default: the URL's last path part).")
 @click.option("--extract-to", type=click.Path(file_okay=False), default=None, help="Extract here instead of --out.")
 @click.option("--no-extract", is_flag=True, help="Only download and verify.")
 @click.option("--delete-archive", is_flag=True, help="Delete the archive after a complete extraction (kept by default).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="Reader to run afterwards; default hkh for hkh, auto for a URL.")
-@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1, 100), help="Rounds over all mirrors before giving up (back-off doubles between rounds).")
-@click.option("--backoff", default=2.0, show_default=True, type=click.FloatRange(0), help="Seconds before the second round; doubles each round.")
-@click.option("--read-timeout", default=60.0, show_default=True, type=click.FloatRange(0.01), help="A mirror that sends no byte for this long has stalled: go to the next one.")
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(1, 100),
+    help="Rounds over all mirrors before giving up (back-off doubles between rounds).")
+@click.option("--backoff", default=2.0, show_default=True, type=click.FloatRange(0),
+    help="Seconds before the second round; doubles each round.")
+@click.option("--read-timeout", default=60.0, show_default=True, type=click.FloatRange(0.01),
+    help="A mirror that sends no byte for this long has stalled: go to the next one.")
 def fetch_command(source: str, out: str, mirrors, sha256, name, extract_to, no_extract, delete_archive, layout, rounds,
                   backoff, read_timeout) -> None:
     """Download SOURCE ('hkh' or a URL) with resume and mirror fall-back, verify it, extract it

@@ -323,7 +323,7 @@ class Trainer:
             oom = False
             try:
                 self.train_steps(ds, order, epoch, done)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            except Exception as exc:
                 if not is_oom(exc):
                     raise
                 oom = True
@@ -433,7 +433,7 @@ class Trainer:
             try:
                 return validate(model, self.val_raw, self.val_labels, self.stats, self.device, cfg, self.n_classes,
                                 keep_probs=keep_probs)
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled
+            except Exception as exc:
                 if not is_oom(exc):
                     raise
                 oom = True

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from training.rundir import RunDir, member_name
 from training.runs.members import resolve_members
-from training.runs.run import CvError, CvRun, Echo, echo_stdout, parse_sets  # noqa: F401 - the CLI's names
+from training.runs.run import CvError, CvRun, Echo, echo_stdout, parse_sets
 from training.runs.summary import render_summary, render_training_log, summarise
 
 log = logging.getLogger("glacier.train")

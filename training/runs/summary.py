@@ -3,7 +3,6 @@ the grade against the targets; ``cv_summary.json``/``.txt``, ``training_log.txt`
 curves figure."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
