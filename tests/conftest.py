@@ -1,48 +1,21 @@
-"""Shared fixtures: tiny synthetic datasets and TIFF writers (torchgeo-style fake data)."""
+"""Shared fixtures: tiny synthetic datasets (torchgeo-style fake data), member checkpoints,
+built bundles, a folds file, a local HTTP server. The builders they use are in tests/helpers.py."""
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Optional
+import sys
 
-import numpy as np
-import pytest
+# benchmarks/inference_speed.py imports make_member from here (``from conftest import make_member``)
+# after putting tests/ first on sys.path; there tests/training/ and tests/glacier_runtime/ would
+# shadow the packages they test, so this folder is taken off the path again (under pytest it is
+# not on it: the repository root is).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-
-def write_geotiff(path: str, arr: np.ndarray, compress: Optional[str] = None, tiled: bool = False,
-                  nodata=None) -> str:
-    """Write a single-band GeoTIFF with rasterio (LZW/deflate/tiled as asked)."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    profile = dict(driver="GTiff", height=arr.shape[0], width=arr.shape[1], count=1, dtype=arr.dtype.name)
-    if compress:
-        profile["compress"] = compress
-    if tiled:
-        profile.update(tiled=True, blockxsize=16, blockysize=16)
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as ds:
-            ds.write(arr, 1)
-    return path
-
-
-def make_tile(root: str, tid: str, h: int = 40, w: int = 44, dtype=np.float32, seed: int = 0,
-              label_values=(0, 85, 170, 255), naming: str = "train", **kw) -> None:
-    rng = np.random.default_rng(seed)
-    names = ([f"B2_B2_masked_{tid}.tif", f"B3_B3_masked_{tid}.tif", f"B4_B4_masked_{tid}.tif",
-              f"B6_B6_masked_{tid}.tif", f"B10_B10_masked_{tid}.tif"] if naming == "train" else [f"img{tid}.tif"] * 5)
-    for b, name in enumerate(names):
-        data = (rng.random((h, w)) * 1000).astype(dtype)
-        write_geotiff(os.path.join(root, f"Band{b + 1}", name), data, **kw)
-    lab = rng.choice(np.array(label_values, dtype=np.uint8), size=(h, w))
-    lname = f"Y_output_resized_{tid}.tif" if naming == "train" else f"img{tid}.tif"
-    write_geotiff(os.path.join(root, "label", lname), lab)
+from tests.helpers import Server, make_member, write_geotiff  # noqa: E402 - make_member: see above
 
 
 @pytest.fixture(scope="session")
@@ -53,33 +26,6 @@ def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     generate_dataset(str(out), n_tiles=9, size=(64, 64), seed=3, unseen_tiles=4)
     return str(out)
-
-
-def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "00_01"), val_tiles=("01_00",),
-                classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5) -> str:
-    """A tiny member checkpoint in the training format, with random weights (no training)."""
-    import torch
-
-    from glacier_runtime.classes import class_map
-    from glacier_runtime.models import build_model
-    from training.engine.checkpoint import FORMAT, save_atomic
-
-    torch.manual_seed(seed)
-    spec = {"arch": "Unet", "encoder": encoder, "in_channels": 5, "classes": classes,
-            "decoder_channels": [16, 16, 16, 8, 8], "decoder_attention_type": None}
-    model = build_model(spec)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
-    stats = {"bands": ["B2", "B3", "B4", "B6", "B10"], "mean": [0.15, 0.15, 0.15, 0.15, 270.0],
-             "std": [0.1, 0.1, 0.1, 0.08, 10.0], "lo": [0.0, 0.0, 0.0, 0.0, 200.0], "hi": [1.0, 1.0, 1.0, 1.0, 320.0]}
-    save_atomic({"format": FORMAT, "spec": spec, "state_dict": model.state_dict(), "sensor": "L8",
-                 "bands": ["B2", "B3", "B4", "B6", "B10"], "stats": stats, "class_map": class_map(classes == 2),
-                 "fold": fold, "seed": seed, "train_tiles": list(train_tiles), "val_tiles": list(val_tiles),
-                 "history": [], "val_mcc": val_mcc, "best_epoch": 0, "config": {}, "code_version": "test"}, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +60,128 @@ def messy_test_data(tmp_path_factory):
     p.write_bytes(p.read_bytes()[:100])                                                       # corrupt
     (root / "Band1" / "notes.txt").write_text("stray")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def folds_file(synth_data, tmp_path_factory):
+    """folds.json of the synthetic training tiles: 3 folds, blocks of one tile."""
+    from training.data.competition import CompetitionDataset
+    from training.folds import make_folds, save_folds
+
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    f = make_folds({k: ds.class_pixels(k).tolist() for k in ds.keys}, k=3, block=1)
+    path = str(tmp_path_factory.mktemp("folds") / "folds.json")
+    save_folds(f, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_hkh(tmp_path_factory):
+    """HKH patches in the glacier_mapping layout: 6 train and 2 validation patches of 64x64."""
+    from training.data.hkh import write_fake_hkh
+
+    d = str(tmp_path_factory.mktemp("hkh"))
+    write_fake_hkh(d, n_train=6, n_val=2, size=64, seed=1)
+    return d
+
+
+# ---- built bundles (read only: no test writes into them) ------------------------------------------
+@pytest.fixture(scope="session")
+def bundle(tiny_members, tmp_path_factory):
+    """Both tiny members, flips TTA, the light preset and a bias: (folder, manifest)."""
+    from glacier_submit.bundle import build
+
+    out = str(tmp_path_factory.mktemp("bundle"))
+    m = build(tiny_members, out, tta="flips", scales=[1.0], postprocess="light", bias=[0.0, 0.1, 0.2, 0.3])
+    return out, m
+
+
+@pytest.fixture(scope="session")
+def real_bundle(tiny_members, tmp_path_factory):
+    """Both tiny members with the default settings: the folder."""
+    from glacier_submit.bundle import build
+
+    out = str(tmp_path_factory.mktemp("trust_bundle") / "b")
+    build(tiny_members, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def setup(synth_data, tmp_path_factory):
+    """One member trained on 6 of the synthetic training tiles, default build:
+    (bundle, synth_data, training keys, weights folder)."""
+    from glacier_submit.bundle import build
+    from training.data.competition import CompetitionDataset
+
+    d = tmp_path_factory.mktemp("trust_ev")
+    keys = CompetitionDataset(os.path.join(synth_data, "train")).keys
+    w = make_member(str(d / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:])
+    bundle = str(d / "bundle")
+    build([w], bundle)
+    return bundle, synth_data, keys, str(d)
+
+
+@pytest.fixture(scope="session")
+def oof_members(synth_data, tmp_path_factory):
+    """3 folds x 2 seeds of tiny members with out-of-fold arrays (labels one-hot plus independent
+    noise per seed) and labels beside them, as `glacier-train cv` writes them: (folder, paths, keys)."""
+    from training.data.competition import CompetitionDataset
+
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    keys = sorted(ds.keys)
+    folds = {f: keys[f::3] for f in range(3)}
+    w = tmp_path_factory.mktemp("tune_weights")
+    rng = np.random.default_rng(0)
+    paths = []
+    os.makedirs(w / "oof" / "labels", exist_ok=True)
+    for f, val in folds.items():
+        train = [k for k in keys if k not in val]
+        for s in range(2):
+            name = f"fold{f}_seed{s}"
+            paths.append(make_member(str(w / f"{name}.pt"), seed=10 * f + s, fold=f, train_tiles=train,
+                                     val_tiles=val, val_mcc=0.6 + 0.01 * s))
+            os.makedirs(w / "oof" / name)
+            for k in val:
+                y = ds.label(k)
+                logits = np.eye(4, dtype=np.float32)[y].transpose(2, 0, 1) * 1.2
+                logits += rng.normal(0, 1.0, logits.shape).astype(np.float32)  # independent noise per seed
+                p = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+                np.save(w / "oof" / name / f"{k}.npy", p.astype(np.float16))
+                np.save(w / "oof" / "labels" / f"{k}.npy", y)
+    return str(w), paths, keys
+
+
+# ---- function-scoped ----------------------------------------------------------------------------------
+@pytest.fixture
+def server():
+    """A local HTTP server on 127.0.0.1 (tests.helpers.Server), closed after the test."""
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """Make the loss's focal part NaN (still attached to the graph, so the gradients are NaN
+    too, as in a real divergence) on the chosen training calls (0-based)."""
+    from training.losses import CombinedLoss
+
+    orig = CombinedLoss.forward
+    calls = {"n": 0, "bad": set()}
+
+    def forward(self, logits, target, dist=None, epoch=0):
+        parts = orig(self, logits, target, dist, epoch)
+        i = calls["n"]
+        calls["n"] += 1
+        if i in calls["bad"]:
+            parts["focal"] = parts["focal"] * float("nan")
+            parts["total"] = sum(v for k, v in parts.items() if k != "total")
+        return parts
+
+    monkeypatch.setattr(CombinedLoss, "forward", forward)
+
+    def arm(steps):
+        calls["bad"] = set(steps)
+        return calls
+
+    return arm

@@ -3,13 +3,12 @@ each is run as a user runs it, at a toy size, and its result file is checked."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _run(args, tmp_path):

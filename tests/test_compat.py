@@ -10,9 +10,8 @@ from glacier_submit.bundle import build
 from glacier_submit.sandbox import CONVENTIONS, run_bundle
 from glacier_runtime.entry import predict_folder
 from glacier_runtime.predictor import Predictor, load_payload
+from tests.helpers import PY39, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY39 = os.environ.get("GLACIER_PY39", os.path.join(ROOT, ".venv39", "bin", "python"))
 
 pytestmark = [
     pytest.mark.compat,
@@ -51,7 +50,7 @@ def test_postprocessing_equal_under_py39_numpy1_opencv4(tmp_path):
     """Every rule, on noisy and smooth masks of odd sizes, gives the same mask under the
     platform's numpy 1.x / OpenCV 4 as here (OpenCV border and float64 box-sum behaviour)."""
     from glacier_runtime import postprocess as pp
-    from tests.test_postprocess_linear import blobs, worst_case
+    from tests.helpers import blobs, worst_case
 
     rules = [{"rule": "min_area", "class": 3, "min_area": 12},
              {"rule": "lake_shape", "class": 3, "min_area": 12, "min_width": 3},

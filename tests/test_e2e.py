@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
+from tests.helpers import ROOT
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]  # minutes on a loaded 2-core machine
 BIN = os.path.dirname(sys.executable)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sh(*cmd):

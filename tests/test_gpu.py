@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cv import _cmd, _env, folds_file, kill_after_first_epoch  # noqa: F401 - folds_file is a fixture
+from tests.helpers import ROOT, cv_cmd, kill_after_first_epoch, repo_env
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (no GPU visible to torch here); runs wherever one is"),
 ]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"train.epochs": 2, "train.patches_per_epoch": 8, "train.batch_size": 4, "train.patch_size": 64,
         "train.warmup_epochs": 0, "train.num_workers": 0, "model.decoder_channels": [16, 16, 16, 8, 8]}
 
@@ -76,16 +75,16 @@ def test_onnx_cuda_provider(tiny_members):
         assert (runner(x) - model(x)).abs().max() < 1e-3
 
 
-def test_resume_on_cuda(synth_data, folds_file, tmp_path):  # noqa: F811
+def test_resume_on_cuda(synth_data, folds_file, tmp_path):
     """SIGKILL after the first epoch's last.pt on CUDA, re-run: it resumes (optimizer, scaler
     and EMA state back on the GPU) and keeps the epochs it had."""
     from training.engine.checkpoint import load_checkpoint
 
     out = str(tmp_path / "cv")
-    cmd = [c if c != "cpu" else "cuda" for c in _cmd(os.path.join(synth_data, "train"), folds_file, out)]
+    cmd = [c if c != "cpu" else "cuda" for c in cv_cmd(os.path.join(synth_data, "train"), folds_file, out)]
     last = kill_after_first_epoch(cmd, out)
     kept = torch.load(last, map_location="cpu", weights_only=False)["history"]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming after epoch" in r.stderr
     hist = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))["history"]

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 NB = os.path.join(ROOT, "notebooks", "kaggle_dual_t4.ipynb")
 
 

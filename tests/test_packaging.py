@@ -1,33 +1,13 @@
-"""Packaging (issue 14 item 7): presets shipped as package data and found from a
-non-editable install, declared dependency ranges that hold the tested versions, and a
-version check where the runtime mirrors smp's U-Net layout."""
+"""Packaging: declared dependency ranges that hold the tested versions, the extras a Kaggle
+user needs, and presets shipped as package data found from a non-editable install."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _pyproject():
-    tomllib = pytest.importorskip("tomllib")
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
-        return tomllib.load(fh)
-
-
-def test_presets_are_package_data(tmp_path, monkeypatch):
-    from glacier_submit.postprocessing import load_postprocess, preset_names
-
-    monkeypatch.chdir(tmp_path)  # not the checkout
-    assert preset_names() == ["competition", "light", "none"]
-    assert len(load_postprocess("light")) == 3 and load_postprocess("none") == []
-    with pytest.raises(ValueError, match="competition"):
-        load_postprocess("heavy")
-    data = _pyproject()["tool"]["setuptools"]["package-data"]
-    assert "presets/*.yaml" in data["glacier_submit"]
+from tests.helpers import ROOT, pyproject
 
 
 def test_declared_ranges_hold_the_tested_versions():
@@ -37,7 +17,7 @@ def test_declared_ranges_hold_the_tested_versions():
 
     from packaging.requirements import Requirement
 
-    proj = _pyproject()["project"]
+    proj = pyproject()["project"]
     reqs = list(proj["dependencies"]) + [r for k in ("train", "export") for r in proj["optional-dependencies"][k]]
     for text in reqs:
         req = Requirement(text)
@@ -51,38 +31,6 @@ def test_declared_ranges_hold_the_tested_versions():
     smp = next(Requirement(r) for r in proj["optional-dependencies"]["train"]
                if Requirement(r).name == "segmentation-models-pytorch")
     assert any(s.operator == "<" for s in smp.specifier), "smp needs an upper bound (runtime mirrors its layout)"
-
-
-@pytest.mark.parametrize("attention", [None, "scse"])
-def test_smp_layout_matches_runtime(attention):
-    pytest.importorskip("segmentation_models_pytorch")
-    from training.models import create_model
-
-    spec = {"arch": "Unet", "encoder": "resnet18", "in_channels": 5, "classes": 4,
-            "decoder_channels": [16, 16, 16, 8, 8], "decoder_attention_type": attention}
-    create_model(spec)  # raises if the installed smp lays the U-Net out differently
-
-
-def test_smp_layout_change_is_refused_with_version():
-    pytest.importorskip("segmentation_models_pytorch")
-    from glacier_runtime.models import build_model
-    from training.models import check_runtime_layout
-
-    spec = {"arch": "Unet", "encoder": "resnet18", "in_channels": 5, "classes": 4,
-            "decoder_channels": [16, 16, 16, 8, 8], "decoder_attention_type": None}
-
-    class Renamed(torch.nn.Module):  # a future smp that renames one layer
-        def __init__(self):
-            super().__init__()
-            self.inner = build_model(spec)
-
-        def state_dict(self, *a, **k):
-            sd = self.inner.state_dict()
-            sd["segmentation_head.conv.weight"] = sd.pop("segmentation_head.0.weight")
-            return sd
-
-    with pytest.raises(RuntimeError, match=r"segmentation-models-pytorch \S+ lays out.*segmentation_head"):
-        check_runtime_layout(Renamed(), spec)
 
 
 @pytest.mark.slow

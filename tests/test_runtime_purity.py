@@ -1,15 +1,12 @@
 """glacier_runtime/ imports only what the platform has and is Python 3.9 syntax."""
 import ast
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, forbidden_imports, vermin_violations
+
 RUNTIME = os.path.join(ROOT, "glacier_runtime")
-ALLOWED = {"numpy", "torch", "cv2", "tifffile", "PIL", "tqdm", "onnxruntime"}
-STDLIB = set(sys.stdlib_module_names)
 
 
 def _files():
@@ -17,30 +14,6 @@ def _files():
         for f in files:
             if f.endswith(".py"):
                 yield os.path.join(folder, f)
-
-
-def forbidden_imports(src: str, name: str) -> list:
-    """Absolute imports of ``src`` outside the standard library and the platform's packages."""
-    bad = []
-    for node in ast.walk(ast.parse(src, filename=name)):
-        if isinstance(node, ast.Import):
-            mods = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: stays inside the runtime
-                continue
-            mods = [node.module]
-        else:
-            continue
-        bad += [m for m in mods if m.split(".")[0] not in STDLIB | ALLOWED | {"__future__"}]
-    return bad
-
-
-def vermin_violations(folder: str) -> str:
-    """'' when every file under ``folder`` runs on Python 3.9, else vermin's report."""
-    exe = os.path.join(os.path.dirname(sys.executable), "vermin")
-    r = subprocess.run([exe, "--no-tips", "--violations", "-t=3.9-", "--eval-annotations",
-                        "--backport", "typing", folder], capture_output=True, text=True)
-    return "" if r.returncode == 0 else r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("path", sorted(_files()), ids=lambda p: os.path.relpath(p, ROOT))
