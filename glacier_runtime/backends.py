@@ -106,18 +106,27 @@ def onnxruntime_available() -> bool:
 
 
 class OnnxRunner:
-    """onnxruntime session(s) for one exported graph. A worker thread that called
-    ``set_worker_threads(n)`` gets its own n-thread session (made once, then reused), so
-    sessions never fight over one intra-op pool."""
+    """onnxruntime session(s) for one exported graph.
+
+    On the CPU a worker thread that called ``set_worker_threads(n)`` gets its own n-thread
+    session (made once, then reused), so sessions never fight over one intra-op pool. On
+    CUDA there is one session on the asked GPU (``device_id``), and ``device`` says CUDA, so
+    the predictor batches views and runs one work item at a time as it does for torch; a
+    session that silently fell back to the CPU provider is reported and scheduled as the
+    CPU."""
 
     def __init__(self, model_bytes: bytes, device: Optional[str] = None, threads: int = 0):
         import onnxruntime as ort
 
         dev = pick_device(device)
         available = ort.get_available_providers()
-        self.providers = ["CPUExecutionProvider"]
-        if dev.type == "cuda" and "CUDAExecutionProvider" in available:
-            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.providers: list = ["CPUExecutionProvider"]
+        if dev.type == "cuda":
+            if "CUDAExecutionProvider" in available:
+                self.providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+            else:
+                log.warning("onnxruntime has no CUDA provider here (available: %s): the ONNX graph runs on the CPU. "
+                            "Install onnxruntime-gpu (pip install -e '.[export-gpu]'), not onnxruntime", available)
         self._blob, self._threads = model_bytes, int(threads)
         self._sessions: Dict[int, object] = {}
         self._lock = threading.Lock()
@@ -125,6 +134,13 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type
         self.device = torch.device("cpu")
+        if dev.type == "cuda" and len(self.providers) > 1:
+            used = list(self.session.get_providers())
+            if "CUDAExecutionProvider" in used:
+                self.device = torch.device("cuda", dev.index or 0)
+            else:
+                log.warning("onnxruntime was asked for CUDA but the session runs on %s (a CUDA/cuDNN library "
+                            "could not be loaded?): scheduled as the CPU", used)
 
     def _session(self, threads: int):
         with self._lock:
@@ -144,6 +160,7 @@ class OnnxRunner:
         arr = x.detach().cpu().numpy()
         arr = np.ascontiguousarray(arr, dtype=np.float16 if "float16" in self.input_type else np.float32)
         wt = worker_threads()
-        session = self.session if not wt or wt == self._threads else self._session(wt)
+        on_gpu = self.device.type == "cuda"
+        session = self.session if on_gpu or not wt or wt == self._threads else self._session(wt)
         out = session.run(None, {self.input_name: arr})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32))

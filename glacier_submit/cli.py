@@ -221,14 +221,18 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
 @click.option("--python", "python_exe", default=None,
     help="Interpreter for the bundle (e.g. .venv39/bin/python for the platform's Python 3.9 + torch 2.0).")
 @click.option("--label-mode", type=click.Choice(["multiclass", "binary"]), default="multiclass", show_default=True)
-def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, compare, out, python_exe, label_mode):
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+    help="Where the bundle runs: cpu (the platform's masks and timings, even where a GPU exists) or cuda/auto "
+         "(GPUs passed through); also the in-process ablations of --compare.")
+def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, compare, out, python_exe, label_mode,
+             device):
     """Run the bundle as the platform does on held-out tiles, score it and write a report."""
     from glacier_submit.evaluate import EvaluateError, evaluate as do_eval, render_report
     from training.data.competition import DataError
 
     try:
         r = do_eval(bundle, data, out, fold, folds, list(tiles) or None, convention, timeout, allow_leak, compare,
-                    python_exe, label_mode)
+                    python_exe, label_mode, device=device)
     except (EvaluateError, DataError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_report(r))

@@ -228,13 +228,27 @@ def guard_leakage(manifest: Manifest, keys: Sequence[str], fold: Optional[int], 
     if sum(not m.startswith("tuned ") for m in leaks) == len(manifest.members) and fold is not None:
         msg += ("A fold is only held out for members that never trained on it; a k-fold ensemble has no "
                 "clean fold." + oof_hint(manifest) + " ")
+    if any(m.startswith("tuned ") for m in leaks):
+        msg += ("Settings fitted on the members' out-of-fold predictions (--bias auto, --tune oof) were fitted on "
+                "exactly the held-out fold's tiles: for a held-out bundle build with --bias none and without "
+                "--tune oof. ")
     msg += ("Evaluate on unseen tiles, build a bundle from members that never saw this fold, or pass "
             "--allow-leak (the report is stamped LEAKY).")
     raise LeakError(msg)
 
 
+def device_env(device: str) -> Dict[str, str]:
+    """What the sandboxed bundle may see: on ``cpu`` (the default) no GPU at all, so its masks
+    and timings are the CPU platform's even on a Kaggle T4; ``cuda`` passes the GPUs through."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": "", "GLACIER_DEVICE": "cpu"}
+    if device in ("cuda", "auto"):
+        return {}
+    raise EvaluateError(f"--device must be cpu, cuda or auto, got {device!r}")
+
+
 def run_staged(bundle: str, ds: CompetitionDataset, keys: Sequence[str], out: str, convention: str,
-               timeout: Optional[float], python: Optional[str]) -> RunResult:
+               timeout: Optional[float], python: Optional[str], device: str = "cpu") -> RunResult:
     """The bundle run as the platform runs it on exactly ``keys``, writing into a fresh folder."""
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out)
@@ -244,7 +258,7 @@ def run_staged(bundle: str, ds: CompetitionDataset, keys: Sequence[str], out: st
     if os.path.exists(masks_dir):  # every run writes into a fresh, empty folder: nothing of an earlier run is read
         shutil.rmtree(masks_dir)
     os.makedirs(masks_dir)
-    return run_bundle(bundle, staged, convention, masks_dir, timeout, python)
+    return run_bundle(bundle, staged, convention, masks_dir, timeout, python, env=device_env(device))
 
 
 def add_scores(report: Dict[str, Any], ds: CompetitionDataset, keys: Sequence[str], run: RunResult,
@@ -274,13 +288,13 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
     keys = select_tiles(ds, data, fold, folds, tiles, notes)
     notes += untracked_tuning(manifest)
     leaks, stamped = guard_leakage(manifest, keys, fold, allow_leak)
-    run = run_staged(bundle, ds, keys, out, convention, timeout, python)
+    run = run_staged(bundle, ds, keys, out, convention, timeout, python, device)
     report: Dict[str, Any] = {
         "bundle": os.path.abspath(bundle), "data": os.path.abspath(data), "tiles": keys, "convention": convention,
         "leaky": stamped, "leaks": leaks, "returncode": run.returncode, "timed_out": run.timed_out,
         "seconds": run.seconds, "seconds_per_tile": run.seconds / len(keys), "peak_rss_mb": run.peak_rss_mb,
         "time_budget_s": manifest.budget.time_budget_s, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "notes": notes, "tuning_decisions": (manifest.tuning or {}).get("decisions"),
+        "notes": notes, "tuning_decisions": (manifest.tuning or {}).get("decisions"), "device": device,
     }
     if not run.ok:
         report["stderr_tail"] = run.tail(3000)

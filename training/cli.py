@@ -150,9 +150,10 @@ def _fail(exc: BaseException) -> "click.ClickException":
 @click.option("--worker-id", type=int, hidden=True)
 @click.option("--loader-workers", type=int, hidden=True)
 @click.option("--parent-lock", is_flag=True, hidden=True)
+@click.option("--job-queue", type=click.Path(file_okay=False), hidden=True)
 @click.pass_context
 def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets,
-               force_retrain, no_progress, worker_id, loader_workers, parent_lock):
+               force_retrain, no_progress, worker_id, loader_workers, parent_lock, job_queue):
     """Train every fold x seed; finished members are reused, interrupted ones resume."""
     from training.config import ConfigError
     from training.runs.cv import CvError, CvRun, cv
@@ -162,7 +163,7 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
                 only_folds=tuple(only_folds), device=device, sets=tuple(sets), init_from=init_from,
                 progress=not no_progress, force_retrain=force_retrain, verbose=verbose, gpus=gpus,
                 parallel_folds=parallel_folds, worker=worker_id, loader_workers=loader_workers,
-                parent_lock=parent_lock)
+                parent_lock=parent_lock, job_queue=job_queue)
     try:
         cv(run, echo=lambda line: click.echo(line))
     except (CvError, ConfigError, ValueError, FileNotFoundError) as exc:
@@ -186,36 +187,44 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
 @click.option("--gpus", default=1, show_default=True, type=click.IntRange(1, 16), help="DDP over this many processes (torchrun).")
 @click.option("--set", "sets", multiple=True, help="Override a config value, e.g. --set train.epochs=3.")
 @click.option("--no-progress", is_flag=True, help="No progress bars: one line per epoch even on a terminal.")
+@click.option("--force", is_flag=True,
+    help="Train again even when --out is a finished pre-training of this config, data and seed (it is kept "
+         "and the run skipped otherwise).")
+@click.option("--parent-lock", is_flag=True, hidden=True)
 @click.pass_context
-def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress):
+def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress, force, parent_lock):
     """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
-    from training.config import ConfigError, load_config
-    from training.runs.cv import CvError, parse_sets
+    from training.config import ConfigError
+    from training.runs.pretrain import PretrainDone, check_finished, pretrain
+    from training.runs.run import CvError, parse_sets
 
     try:
         overrides = parse_sets(sets)
-        load_config(config, overrides)  # config errors before any process starts
-    except (CvError, ConfigError) as exc:
+        done = check_finished(config, data, out, seed, val_patches, overrides, force)  # config errors too
+    except (CvError, ConfigError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
+    if done:
+        click.echo(f"{out} is a finished pre-training of this config and data ({done}): kept, nothing to do "
+                   "(--force trains it again)")
+        return
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        from training.engine.launch import describe_rc, run_torchrun
-
         args = (["-v"] if ctx.find_root().params.get("verbose") else []) + [
             "pretrain", "--config", config, "--data", data, "--out", out, "--seed", str(seed),
-            "--val-patches", str(val_patches), "--device", device]
+            "--val-patches", str(val_patches), "--device", device, "--parent-lock"]
         for s in sets:
             args += ["--set", s]
         if no_progress:
             args.append("--no-progress")
-        rc = run_torchrun(gpus, args, echo=lambda line: click.echo(line))
-        if rc:
-            raise click.ClickException(f"the DDP pre-training run {describe_rc(rc)}; re-run the same command "
-                                       "to resume")
+        if force:
+            args.append("--force")
+        _pretrain_ddp(gpus, args, out, device)
         return
-    from training.runs.pretrain import pretrain
-
     try:
-        res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress)
+        res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress, force=force,
+                       parent_lock=parent_lock)
+    except PretrainDone as exc:
+        click.echo(str(exc))
+        return
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from exc
     if res:
@@ -224,6 +233,31 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
         if res.get("grade"):
             click.echo(f"grade against the pre-training targets: {res['grade']['grade']} "
                        f"(every criterion: {res['log_path']})")
+
+
+def _pretrain_ddp(gpus: int, args, out: str, device: str) -> None:
+    """The parent of the pre-training ranks: holds the run lock until every rank is gone."""
+    from training.engine.distributed import DeviceError, check_device
+    from training.engine.launch import describe_rc, run_torchrun, split_cpus
+    from training.engine.runlock import LockedError, RunLock
+
+    try:
+        check_device(device)
+        lock = RunLock(out + ".work").acquire()
+    except (DeviceError, LockedError) as exc:
+        raise _fail(exc) from exc
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS=str(split_cpus(gpus, 0)["threads"]))
+        rc = run_torchrun(gpus, args, echo=lambda line: click.echo(line), env=env)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: every rank has stopped; re-run the same command to resume from the last epoch",
+                   err=True)
+        sys.exit(130)
+    finally:
+        lock.release()
+    if rc:
+        raise click.ClickException(f"the DDP pre-training run {describe_rc(rc)} (the failing rank's message is "
+                                   "above); re-run the same command to resume")
 
 
 cli.add_command(cv_command)

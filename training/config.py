@@ -3,7 +3,7 @@ impossible values are errors naming the key and the file)."""
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,6 +48,14 @@ class ModelConfig(_Strict):
             raise ValueError(f"decoder_channels needs 5 positive ints, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _scse_width(self):
+        # scSE squeezes channels by 16 (smp): a narrower decoder block would get a 0-channel convolution
+        if self.decoder_attention_type == "scse" and min(self.decoder_channels) < 16:
+            raise ValueError(f"decoder_attention_type scse needs decoder_channels of at least 16 each (it squeezes "
+                             f"channels by 16), got {self.decoder_channels}")
+        return self
+
 
 class TrainConfig(_Strict):
     epochs: int = Field(150, ge=1)
@@ -71,6 +79,8 @@ class TrainConfig(_Strict):
     num_workers: int = Field(4, ge=0)
     val_every: int = Field(1, ge=1)
     sync_bn: bool = False  # DDP only: BatchNorm statistics over all ranks (SyncBatchNorm)
+    # last.pt (everything a resume needs) after the first epoch, then at most this often; 0 = every epoch
+    checkpoint_every_s: float = Field(300.0, ge=0)
 
     @field_validator("patch_size")
     @classmethod
@@ -219,3 +229,31 @@ def _check_encoder_weights(cfg: Config, path: str) -> None:
         check_encoder_weights(cfg.model.encoder_weights, len(cfg.data.bands), cfg.model.encoder_first_conv)
     except EncoderWeightsError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# settings that change how fast a run goes, not what it learns: ignored when deciding
+# whether a finished member belongs to this run
+RUNTIME_KEYS = ("train.num_workers", "train.checkpoint_every_s")
+
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any], ignore: Sequence[str] = RUNTIME_KEYS) -> List[str]:
+    """``["train.epochs: 3 in the member, 2 in this run", ...]``."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: {a.get(k, '<absent>')!r} in the member, {b.get(k, '<absent>')!r} in this run")
+    return diffs

@@ -19,11 +19,11 @@ class PatchDataset(Dataset):
 
     def __init__(self, images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
                  patches: List[Tuple[str, int, int, int]], patch: int, n_classes: int,
-                 augment=None, boundary: bool = False, seed: int = 0, epoch: int = 0):
+                 augment=None, boundary: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0):
         self.images, self.labels, self.patches = images, labels, patches
         self.patch, self.n_classes = patch, n_classes
         self.augment, self.boundary = augment, boundary
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -42,7 +42,9 @@ class PatchDataset(Dataset):
         x = np.ascontiguousarray(x.transpose(1, 2, 0))
         y = np.ascontiguousarray(y)
         if self.augment is not None:
-            self.augment.set_random_seed(int((self.seed * 1_000_003 + self.epoch * 10_007 + i) % (2**31)))
+            # the rank too: under DDP rank r's i-th patch is another patch than rank 0's i-th
+            self.augment.set_random_seed(int((self.seed * 1_000_003 + self.epoch * 10_007 + i + self.rank * 104_729)
+                                             % (2**31)))
             out = self.augment(image=x, mask=y)
             x, y = out["image"], out["mask"]
         dist = signed_distance_maps(y, self.n_classes) if self.boundary else np.zeros(0, np.float32)

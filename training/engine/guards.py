@@ -247,6 +247,7 @@ class ClassLearningMonitor:
     streak: Dict[str, int] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
     reported: List[str] = field(default_factory=list)
+    reported_at: Dict[str, int] = field(default_factory=dict)  # class -> epoch of its warning
 
     def observe(self, epoch: int, cm: np.ndarray, centre_rates: Sequence[float],
                 pixel_rates: Sequence[float]) -> List[str]:
@@ -266,6 +267,7 @@ class ClassLearningMonitor:
             self.streak[name] = self.streak.get(name, 0) + 1 if (weak and epoch >= self.warmup) else 0
             if self.streak[name] >= self.patience and name not in self.reported:
                 self.reported.append(name)
+                self.reported_at[name] = int(epoch)
                 new.append(self._message(epoch, name, recall, pred_share, label_share,
                                          float(centre_rates[c]), float(pixel_rates[c])))
         self.warnings.extend(new)
@@ -273,12 +275,33 @@ class ClassLearningMonitor:
 
     def state_dict(self) -> Dict[str, object]:
         return {"class_reported": list(self.reported), "class_warnings": list(self.warnings),
-                "class_streak": dict(self.streak)}
+                "class_streak": dict(self.streak), "class_reported_at": dict(self.reported_at)}
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.reported = list(state.get("class_reported", []))
         self.warnings = list(state.get("class_warnings", []))
         self.streak = dict(state.get("class_streak", {}))
+        self.reported_at = dict(state.get("class_reported_at", {}))
+
+    def outcomes(self, cm: np.ndarray) -> List[Dict[str, object]]:
+        """For each class warned about: did it recover by the end? ``cm`` is the final
+        (kept) weights' validation confusion. Recovered = recall above 0 and a predicted
+        share of at least ``share_ratio`` x its label share (the warning's test, passed)."""
+        cm = np.asarray(cm, np.float64)
+        total = max(cm.sum(), 1.0)
+        out: List[Dict[str, object]] = []
+        for name in self.reported:
+            c = list(self.class_names).index(name)
+            support, predicted, tp = cm[c].sum(), cm[:, c].sum(), cm[c, c]
+            recall = tp / support if support else 0.0
+            fp, fn = predicted - tp, support - tp
+            tn = total - tp - fp - fn
+            den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+            mcc = float((tp * tn - fp * fn) / den) if den else 0.0
+            ok = support > 0 and recall > 0 and predicted / total >= self.share_ratio * support / total
+            out.append({"class": name, "warned_epoch": self.reported_at.get(name), "recovered": bool(ok),
+                        "final_recall": float(recall), "final_mcc": mcc})
+        return out
 
     def _message(self, epoch: int, name: str, recall: float, pred_share: float, label_share: float,
                  centre: float, pixels: float) -> str:

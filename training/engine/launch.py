@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence, TextIO
 
@@ -26,11 +27,97 @@ def torchrun_command(nproc: int, cli_args: Sequence[str]) -> List[str]:
             "-m", "training.cli", *cli_args]
 
 
-def run_torchrun(nproc: int, cli_args: Sequence[str], echo: Callable[[str], None] = print) -> int:
-    """Run ``glacier-train ARGS`` as ``nproc`` DDP ranks; returns torchrun's exit status."""
+def run_torchrun(nproc: int, cli_args: Sequence[str], echo: Callable[[str], None] = print,
+                 env: Optional[Dict[str, str]] = None) -> int:
+    """Run ``glacier-train ARGS`` as ``nproc`` DDP ranks; returns torchrun's exit status.
+
+    On Ctrl-C the interrupt is forwarded to torchrun and this waits until torchrun and every
+    rank it started are gone (ranks that outlive torchrun are stopped: SIGTERM, then
+    SIGKILL), then re-raises: the caller's run lock is released only after that."""
     cmd = torchrun_command(nproc, cli_args)
     echo("launching: " + " ".join(cmd))
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, env=env)
+    family: Dict[int, float] = {}
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                family.update(descendants(proc.pid))  # ranks, remembered while torchrun is their parent
+    except KeyboardInterrupt:
+        family.update(descendants(proc.pid))
+        echo("interrupted: stopping the DDP ranks, waiting for them to exit ...")
+        stop_process_tree(proc, family)
+        raise
+
+
+#: Seconds given to torchrun to stop its ranks after the interrupt, then to a surviving rank after SIGTERM.
+STOP_GRACE_S = (60.0, 10.0)
+
+
+def _start_time(pid: int) -> Optional[float]:
+    """The process's start time in clock ticks (tells a pid apart from a reused one); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return float(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> Dict[int, float]:
+    """{pid: start time} of every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: Dict[int, List[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out: Dict[int, float] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        start = _start_time(p)
+        if start is not None:
+            out[p] = start
+            todo.extend(children.get(p, []))
+    return out
+
+
+def alive(family: Dict[int, float]) -> List[int]:
+    """Those of ``family`` still running (same pid and start time)."""
+    return [p for p, t in family.items() if _start_time(p) == t]
+
+
+def stop_process_tree(proc: subprocess.Popen, family: Dict[int, float]) -> None:
+    """Forward SIGINT to ``proc`` and wait for it; then SIGTERM and at last SIGKILL whatever of
+    ``family`` (its descendants) still runs. Returns when all of them are gone."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_GRACE_S[0])
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait()
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S[1]), (signal.SIGKILL, 5.0)):
+        left = alive(family)
+        if not left:
+            return
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        deadline = time.time() + grace
+        while alive(family) and time.time() < deadline:
+            time.sleep(0.2)
 
 
 def visible_devices(env: Optional[Dict[str, str]] = None, device_count: Optional[int] = None) -> Optional[List[str]]:

@@ -32,3 +32,13 @@ def grad_scaler(enabled: bool):
         return torch.amp.GradScaler("cuda", enabled=enabled)
     except (AttributeError, TypeError):  # torch < 2.3
         return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def forget_unscale(scaler) -> None:
+    """Forget that ``unscale_`` ran for the optimiser step being redone: an out-of-memory error
+    between ``unscale_`` and ``step`` leaves the scaler "already unscaled", and the redo would
+    fail with "unscale_() has already been called on this optimizer". torch keeps this per
+    optimiser in ``_per_optimizer_states`` (reset the same way by ``update``)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.clear()

@@ -52,5 +52,6 @@ def restore_state(ck: Dict[str, Any], device: torch.device, model: torch.nn.Modu
         scaler.load_state_dict(ck["scaler"])
     if ema is not None and ck.get("ema"):
         ema.state = {k: v.to(device) for k, v in ck["ema"].items()}
+        ema.steps = int(ck.get("ema_steps", 0))
     if plateau is not None and ck.get("plateau"):
         plateau.load_state_dict(ck["plateau"])

@@ -33,7 +33,7 @@ from training.engine.checkpoint import FORMAT, code_version, load_state, save_at
 from training.config import Config
 from training.rundir import RunDir, member_name
 from training.data.patches import LazyMap, PatchDataset
-from training.engine.distributed import DistContext
+from training.engine.distributed import DistContext, freeze, unused_parameters
 from training.engine.callbacks import Callback
 from training.engine.ema import EMA
 from training.engine.guards import (SKIPPED, BatchGuard, ClassLearningMonitor, MemberDiverged, MemberOutOfMemory,
@@ -41,7 +41,7 @@ from training.engine.guards import (SKIPPED, BatchGuard, ClassLearningMonitor, M
                                     nonfinite_parts, nonfinite_tensors, oom_message, smaller_batch, smaller_window,
                                     window_batches)
 from training.engine.history import write_csv
-from training.engine.schedule import grad_scaler, lr_factor, seed_all
+from training.engine.schedule import forget_unscale, grad_scaler, lr_factor, seed_all
 from training.engine.validation import validate
 from training.losses import CombinedLoss, class_weights_from_shares
 from training.engine.progress import EpochReporter
@@ -80,7 +80,7 @@ class Trainer:
                  init_state: Optional[Dict[str, torch.Tensor]] = None, save_oof: bool = True,
                  kind: str = "member", reporter: Optional[EpochReporter] = None, progress: bool = True,
                  members_after: int = 0, worker: Optional[int] = None, loader_workers: Optional[int] = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), extra_meta: Optional[Dict[str, Any]] = None):
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
         self.cfg, self.dataset = cfg, dataset
@@ -98,11 +98,17 @@ class Trainer:
         self.progress, self.members_after, self.worker = progress, members_after, worker
         self.reporter = reporter
         self.callbacks = list(callbacks)
+        self.extra_meta = dict(extra_meta or {})
         self.num_workers = cfg.train.num_workers if loader_workers is None else int(loader_workers)
+        if loader_workers is None and self.ctx.enabled:  # the ranks share the machine's cores
+            from training.engine.launch import split_cpus
+
+            self.num_workers = split_cpus(self.ctx.world, cfg.train.num_workers)["loader_workers"]
         self.class_weight: Optional[torch.Tensor] = None
         self.history: List[Dict[str, Any]] = []
         self.start_epoch, self.best_mcc, self.bad_epochs = 0, -1.0, 0
         self.stopped_early = False
+        self._last_written: Optional[float] = None
         self.t0 = time.time()
         # guards (training/engine/guards.py), each owning the state a resume carries over:
         # auto_batch may shrink the micro-batch (the effective batch stays) and the validation window
@@ -141,7 +147,7 @@ class Trainer:
         self.augment = build_augment(cfg.augment)
         t = cfg.train
         self.class_monitor = ClassLearningMonitor(
-            self.class_names, warmup=max(t.warmup_epochs + 1, round(0.1 * t.epochs)), patience=2, fold=self.fold,
+            self.class_names, warmup=max(t.warmup_epochs + 1, round(0.25 * t.epochs)), patience=3, fold=self.fold,
             seed=self.seed, targets=dict(cfg.sampler.targets) if cfg.sampler.mode == "balanced" else {},
             absent=list(self.sampler.absent))
 
@@ -183,6 +189,13 @@ class Trainer:
             model = create_model(self.spec, cfg.model.encoder_weights, cfg.model.encoder_first_conv)
         if self.init_state is not None:
             model.load_state_dict(self.init_state, strict=False)
+        model = model.to(device)
+        self.unused = unused_parameters(model, len(cfg.data.bands))
+        if self.unused:
+            freeze(model, self.unused)
+            if ctx.is_main:
+                log.info("%d parameters get no gradient in this architecture (%s%s): frozen, so DDP does not wait "
+                         "for them", len(self.unused), ", ".join(self.unused[:3]), " ..." if len(self.unused) > 3 else "")
         if ctx.enabled and cfg.train.sync_bn:
             if device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -211,8 +224,10 @@ class Trainer:
         if not os.path.exists(self.last_path):
             return self.start_epoch
         ck = load_state(self.last_path, "resume state", "delete it to start this member afresh")
+        from training.config import config_differences
+
         if not (ck.get("fold") == self.fold and ck.get("seed") == self.seed
-                and ck.get("config") == self.cfg.model_dump()):
+                and not config_differences(ck.get("config") or {}, self.cfg.model_dump())):
             if self.ctx.is_main:
                 log.warning("%s belongs to another run (fold/seed/config differ); starting fresh", self.last_path)
             return self.start_epoch
@@ -236,7 +251,7 @@ class Trainer:
         rates = achieved_rates([p[3] for p in patches], self.n_classes)
         mine = shard(patches, ctx.rank, ctx.world)
         ds = PatchDataset(self.images, self.labels, mine, cfg.train.patch_size, self.n_classes, self.augment,
-                          boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch)
+                          boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch, rank=ctx.rank)
         g = torch.Generator()
         g.manual_seed(self.seed * 1009 + epoch)
         order = torch.randperm(len(ds), generator=g).tolist()
@@ -255,7 +270,7 @@ class Trainer:
         return loader, [u for _, u in plan]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, d: Optional[torch.Tensor], epoch: int,
-                   update: bool, step: int = 0) -> Dict[str, torch.Tensor]:
+                   update: bool, step: int = 0) -> Dict[str, float]:
         """Forward and backward on one micro-batch; with ``update`` also the optimiser step
         (:meth:`optimizer_step`). Under DDP, gradients are all-reduced only on the updating
         step (``no_sync`` on the accumulation steps before it). Loss parts that come out
@@ -267,14 +282,15 @@ class Trainer:
             with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = self.net(x)
             parts = self.loss_fn(logits.float(), y, d, epoch)
-            bad = nonfinite_parts({k: float(v.detach()) for k, v in parts.items()})
-            self._window_bad.extend(p for p in bad if p not in self._window_bad)
             # backward even on a non-finite loss: under DDP every rank must join the all-reduce
             # (the NaN gradients it brings make every rank skip this step alike)
             self.scaler.scale(parts["total"] / self.batch.accum).backward()
+        vals = {k: float(v.detach()) for k, v in parts.items()}  # the one device sync of the loss parts
+        bad = nonfinite_parts(vals)
+        self._window_bad.extend(p for p in bad if p not in self._window_bad)
         if update:
             self.optimizer_step(epoch, step)
-        return parts
+        return vals
 
     def optimizer_step(self, epoch: int, step: int) -> str:
         """Clip and step, unless the loss or the gradient norm (before clipping) is NaN/inf:
@@ -318,7 +334,7 @@ class Trainer:
         ds, order, rates = self.epoch_patches(epoch)
         self.net.train()
         self.nonfinite.start_epoch()
-        done = _Sums(self.n_classes)  # finished optimiser steps; ``start`` is the next one's first sample
+        done = _Sums(self.n_classes, self.device)  # finished optimiser steps; ``start``: the next one's first sample
         while done.start < len(order):
             oom = False
             try:
@@ -329,6 +345,7 @@ class Trainer:
                 oom = True
             if oom:  # outside the except block: the failed step's tensors are released by now
                 self.opt.zero_grad(set_to_none=True)
+                forget_unscale(self.scaler)  # an OOM between unscale_ and step: the redo unscales afresh
                 self.shrink_batch(epoch, done.start // self.effective_batch)
         return self.epoch_row(epoch, done, rates)
 
@@ -340,18 +357,17 @@ class Trainer:
         """The epoch's optimiser steps from sample ``done.start`` on, in micro-batches of the
         current size; each finished step is added to ``done`` (a failed one adds nothing)."""
         loader, updates = self.step_loader(ds, order, done.start)
-        step = _Sums(self.n_classes)
+        step = _Sums(self.n_classes, self.device)
         self.opt.zero_grad(set_to_none=True)
         self._window_bad = []
         for i, (x, y, d) in enumerate(loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             d = d.to(self.device, non_blocking=True) if d.numel() else None
-            step.pixels += np.bincount(y.reshape(-1).cpu().numpy(), minlength=self.n_classes)[:self.n_classes]
-            parts = self.train_step(x, y, d, epoch, updates[i], step=done.start // self.effective_batch)
-            step.add_loss({k: float(v.detach()) for k, v in parts.items()})
+            step.pixels += torch.bincount(y.reshape(-1), minlength=self.n_classes)[:self.n_classes]  # on the device
+            step.add_loss(self.train_step(x, y, d, epoch, updates[i], step=done.start // self.effective_batch))
             if updates[i]:  # the step is done: count it
                 done.absorb(step)
-                step = _Sums(self.n_classes)
+                step = _Sums(self.n_classes, self.device)
                 done.start = min(done.start + self.effective_batch, len(order))
         del loader
 
@@ -359,9 +375,10 @@ class Trainer:
         """The history row of an epoch: mean loss parts, lr, sampler rates, guards' counts."""
         row: Dict[str, Any] = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
                                **{f"loss_{k}": v / max(done.n, 1) for k, v in done.loss.items()}}
+        pixels = done.pixels.cpu().numpy().astype(np.float64)
         for c, name in enumerate(self.class_names):
             row[f"centre_{name}"] = round(float(rates[c]), 4)
-            row[f"pixels_{name}"] = round(float(done.pixels[c] / max(done.pixels.sum(), 1)), 4)
+            row[f"pixels_{name}"] = round(float(pixels[c] / max(pixels.sum(), 1)), 4)
         row.update(bad_steps=self.nonfinite.epoch_bad, amp_skips=self.nonfinite.epoch_amp_skips,
                    micro_batch=self.batch.micro, accumulate=self.batch.accum)
         return row
@@ -486,7 +503,7 @@ class Trainer:
             "stats": self.stats, "class_map": class_map(cfg.data.label_mode == "binary"), "fold": self.fold,
             "seed": self.seed, "train_tiles": list(self.train_keys), "val_tiles": list(self.val_keys),
             "config": cfg.model_dump(), "code_version": code_version(),
-            "class_shares_train": self.shares.tolist(),
+            "class_shares_train": self.shares.tolist(), **self.extra_meta,
         }
 
     def checkpoint(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
@@ -503,16 +520,27 @@ class Trainer:
                         self.best_path)
         else:
             self.bad_epochs += 1
+        write_csv(RunDir(self.out_dir).log_csv(member_name(self.fold, self.seed)), self.history)
+        if not self.last_due():
+            return
+        self._last_written = time.time()
         save_atomic({"kind": self.kind, "fold": self.fold, "seed": self.seed, "config": self.cfg.model_dump(),
                      "epoch": epoch, "state_dict": cpu_state(self.model.state_dict()),
                      "optimizer": _cpu_optimizer_state(self.opt.state_dict()),
                      "plateau": self.plateau.state_dict() if self.plateau is not None else None,
                      "scaler": self.scaler.state_dict(),
                      "ema": cpu_state(self.ema.state) if self.ema is not None else None,
+                     "ema_steps": self.ema.steps if self.ema is not None else 0,
                      "history": self.history, "best_mcc": self.best_mcc, "bad_epochs": self.bad_epochs,
                      "guards": self.guard_state()},
                     self.last_path)
-        write_csv(RunDir(self.out_dir).log_csv(member_name(self.fold, self.seed)), self.history)
+
+    def last_due(self) -> bool:
+        """``last.pt`` (model, optimiser, EMA: ~375 MB for ResNet-34) is written after the first
+        epoch of a process, then when ``train.checkpoint_every_s`` has passed since the last
+        write (every epoch at 0): a cut run redoes at most that much training."""
+        every = self.cfg.train.checkpoint_every_s
+        return self._last_written is None or every <= 0 or time.time() - self._last_written >= every
 
     # ---- finalise ---------------------------------------------------------------------------
     def finalise(self) -> Dict[str, Any]:
@@ -525,9 +553,12 @@ class Trainer:
         self.model.load_state_dict(best["state_dict"])
         per_class: List[Dict[str, Any]] = []
         per_tile: Dict[str, float] = {}
+        outcomes: List[Dict[str, Any]] = []
         if self.val_keys:
             acc, per_tile, probs = self.score(self.model, keep_probs=self.save_oof)
             per_class = acc.per_class(self.class_names)
+            if self.class_monitor is not None:
+                outcomes = self.class_monitor.outcomes(acc.cm)
             if self.save_oof:
                 self.write_oof(probs)
         final = {**best, "kind": self.kind, "history": self.history, "per_class": per_class,
@@ -535,6 +566,7 @@ class Trainer:
                  "epochs_run": len(self.history), "stopped_early": self.stopped_early,
                  "train_seconds": round(time.time() - self.t0, 1),
                  "class_warnings": list(self.class_monitor.warnings) if self.class_monitor else [],
+                 "class_outcomes": outcomes, "ema_initial_share": self.ema.initial_share() if self.ema else None,
                  "bad_steps": self.nonfinite.total_bad, "micro_batch": self.batch.micro, "accumulate": self.batch.accum}
         assert_finite_state(final["state_dict"], self.out_path)  # never a member with NaN/inf weights
         save_atomic(final, self.out_path)
@@ -543,7 +575,7 @@ class Trainer:
                 os.unlink(p)
         result.update(val_mcc=final["val_mcc"], best_epoch=final["best_epoch"], epochs_run=len(self.history),
                       per_class=per_class, seconds=final["train_seconds"], path=self.out_path,
-                      class_warnings=final["class_warnings"], bad_steps=final["bad_steps"])
+                      class_warnings=final["class_warnings"], class_outcomes=outcomes, bad_steps=final["bad_steps"])
         return result
 
     def write_oof(self, probs: Dict[str, np.ndarray]) -> None:
@@ -589,10 +621,10 @@ class Trainer:
 class _Sums:
     """Loss sums, micro-batch count and label pixels over finished optimiser steps."""
 
-    def __init__(self, n_classes: int):
+    def __init__(self, n_classes: int, device: Optional[torch.device] = None):
         self.loss: Dict[str, float] = {}
         self.n = 0
-        self.pixels = np.zeros(n_classes)
+        self.pixels = torch.zeros(n_classes, dtype=torch.int64, device=device or "cpu")
         self.start = 0
 
     def add_loss(self, vals: Dict[str, float]) -> None:

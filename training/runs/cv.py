@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from training.rundir import RunDir, member_name
+from training.runs.jobqueue import JobQueue
 from training.runs.members import resolve_members
 from training.runs.run import CvError, CvRun, Echo, echo_stdout, parse_sets
 from training.runs.summary import render_summary, render_training_log, summarise
@@ -87,10 +88,12 @@ def _take_lock(run: CvRun, echo: Echo):
 
 def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
     """The parent of DDP ranks or fold-parallel workers: checks the inputs, holds the
-    lock, starts the children, fails loudly when any of them fails."""
+    lock until every child is gone, starts the children, fails loudly when any fails."""
+    from training.engine.distributed import check_device
     from training.engine.launch import worker_devices
 
     prep = prepare(run)
+    check_device(run.device)
     devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
     lock = _take_lock(run, echo)
     try:
@@ -98,59 +101,75 @@ def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
         resolve_members(run.out, prep.folds, run.folds_path, prep.cfg.model_dump(), run.force_retrain, echo)
         child = replace(run, force_retrain=False, parent_lock=True)
         if run.gpus > 1:
-            return _launch_ddp(child, echo)
-        _launch_folds(child, prep, devices, echo)
-        return run_cv(replace(run, parallel_folds=1, parent_lock=True), echo=echo, train=False, prep=prep)
+            return _launch_ddp(child, prep, echo)
+        return _launch_folds(child, prep, devices, echo)
     finally:
         lock.release()
 
 
-def _launch_ddp(child: CvRun, echo: Echo) -> Dict[str, Any]:
-    from training.engine.launch import describe_rc, run_torchrun
+def _child_env(threads: int, device: Optional[str] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env["OMP_NUM_THREADS"] = str(threads)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    return env
 
-    rc = run_torchrun(child.gpus, replace(child, gpus=1).cli_args(), echo)
+
+def _launch_ddp(child: CvRun, prep: _Prepared, echo: Echo) -> Dict[str, Any]:
+    """torchrun with ``gpus`` ranks; the CPU cores and loader workers are split between them."""
+    from training.engine.launch import describe_rc, run_torchrun, split_cpus
+
+    cpu = split_cpus(child.gpus, prep.cfg.train.num_workers)
+    args = replace(child, gpus=1, loader_workers=cpu["loader_workers"]).cli_args()
+    rc = run_torchrun(child.gpus, args, echo, env=_child_env(cpu["threads"]))
     if rc != 0:
-        raise CvError(f"the DDP run {describe_rc(rc)}; finished members are kept, re-run the same "
-                      "command to resume")
+        raise CvError(f"the DDP run {describe_rc(rc)} (the failing rank's message is above); finished members are "
+                      "kept: fix the cause and re-run the same command to resume")
     return {}
 
 
-def _launch_folds(child: CvRun, prep: _Prepared, devices: List[Optional[str]], echo: Echo) -> None:
-    """One worker process per GPU (or CPU share), each training its share of the folds."""
+def _launch_folds(child: CvRun, prep: _Prepared, devices: List[Optional[str]], echo: Echo) -> Dict[str, Any]:
+    """One worker per GPU (or CPU share); each takes the next (fold, seed) job from a shared
+    queue until none is left. Then the summary of every member there is, and an error naming
+    exactly the jobs a failed worker left unfinished."""
     from training.engine.launch import Worker, run_workers, split_cpus
+    from training.runs.jobqueue import JobQueue
 
-    n = child.parallel_folds
+    rd = RunDir(child.out)
+    todo = [j for j in prep.jobs if not os.path.exists(rd.member(*j))]
+    queue = JobQueue(os.path.join(rd.root, ".work", "queue"))
+    queue.fill(todo)
+    n = min(child.parallel_folds, max(1, len(todo)))
     cpu = split_cpus(n, prep.cfg.train.num_workers)
     workers = []
     for i in range(n):
-        mine = tuple(prep.fold_ids[i::n])
-        if not mine:
-            continue
-        env = dict(os.environ)
-        env.pop("WORLD_SIZE", None)
-        env["OMP_NUM_THREADS"] = str(cpu["threads"])
-        if devices[i] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices[i]
-        args = replace(child, parallel_folds=1, only_folds=mine, worker=i,
+        args = replace(child, parallel_folds=1, worker=i, job_queue=queue.folder,
                        loader_workers=cpu["loader_workers"]).cli_args()
         where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
-        workers.append(Worker(i, [sys.executable, "-m", "training.cli", *args], env,
-                              f"{where}, folds {list(mine)}", RunDir(child.out).worker_log(i)))
+        workers.append(Worker(i, [sys.executable, "-m", "training.cli", *args], _child_env(cpu["threads"], devices[i]),
+                              f"{where}, jobs from the shared queue", rd.worker_log(i)))
     failed = run_workers(workers, echo=echo)
+    unfinished = sorted({job for _, job in queue.claimed() if not os.path.exists(rd.member(*job))}
+                        | set(queue.unclaimed()))
+    summary = run_cv(replace(child, parallel_folds=1, job_queue=None), echo=echo, train=False, prep=prep,
+                     allow_missing=bool(failed))
     if failed:
-        lost = sorted(f for w in failed for f in prep.fold_ids[w.wid::n])
-        raise CvError(f"{len(failed)} of {len(workers)} fold-parallel workers failed (folds {lost} are not "
-                      "finished; nothing was retrained in their place). Fix the cause above, then re-run "
-                      "the same command: finished members are kept and cut ones resume.")
+        names = ", ".join(f"fold {f} seed {s}" for f, s in unfinished) or "none"
+        raise CvError(f"{len(failed)} of {len(workers)} fold-parallel workers failed; not finished: {names} (nothing "
+                      "was retrained in their place; the summary above covers the members that finished). Fix the "
+                      "cause above, then re-run the same command: finished members are kept and cut ones resume.")
+    return summary
 
 
 def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optional[_Prepared] = None,
-           callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
+           callbacks: Sequence[Any] = (), allow_missing: bool = False) -> Dict[str, Any]:
     """Train (``train``) every fold x seed of ``run`` in this process (one DDP rank under
     torchrun), then write and print the summary. ``train=False`` only summarises and
-    fails if a member is missing (nothing is retrained behind the user's back).
+    fails if a member is missing (nothing is retrained behind the user's back), unless
+    ``allow_missing`` (the summary of what there is, after a worker failed).
     ``callbacks`` (training/engine/callbacks.py) go to every member's trainer."""
-    from training.engine.distributed import cleanup, init_distributed
+    from training.engine.distributed import cleanup, init_distributed, ranks_end_together
 
     prep = prep or prepare(run)
     ctx = init_distributed(run.device)
@@ -162,10 +181,9 @@ def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optio
             cleanup(ctx)
             raise
     try:
-        try:
-            failed = _train_jobs(run, prep, ctx, echo, train, callbacks, clean=lock is not None)
-        finally:
-            cleanup(ctx)
+        with ranks_end_together(ctx):
+            failed = _train_jobs(run, prep, ctx, echo, train, callbacks, clean=lock is not None,
+                                 allow_missing=allow_missing)
         if not ctx.is_main:
             return {}
         summary = {} if run.worker is not None else _write_summary(run, prep, echo, failed)
@@ -179,7 +197,8 @@ def run_cv(run: CvRun, echo: Echo = echo_stdout, train: bool = True, prep: Optio
             lock.release()
 
 
-def _todo(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, clean: bool) -> List[Tuple[int, int]]:
+def _todo(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, clean: bool,
+          allow_missing: bool = False) -> List[Tuple[int, int]]:
     """The members still to train, after the finished ones were checked against this run
     (every rank decides alike; only rank 0 deletes)."""
     if ctx.is_main:
@@ -190,7 +209,7 @@ def _todo(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, clean: bool
                     delete=ctx.is_main)
     ctx.barrier()
     todo = [j for j in prep.jobs if not os.path.exists(RunDir(run.out).member(*j))]
-    if not train and todo:
+    if not train and todo and not allow_missing:
         raise CvError(f"members {todo} are missing after training; re-run the same command")
     return todo
 
@@ -208,7 +227,7 @@ def _init_state(prep: _Prepared, ctx, echo: Echo):
 
 
 def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callbacks: Sequence[Any],
-                clean: bool) -> List[Dict[str, Any]]:
+                clean: bool, allow_missing: bool = False) -> List[Dict[str, Any]]:
     """Train the members still to do; returns the ones a guard stopped (diverged, out of
     memory): the others still train. Under DDP a stopped member ends the run."""
     from training.engine.guards import MemberFailed
@@ -216,22 +235,26 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callb
     from training.folds import fold_split
 
     jobs, rd = prep.jobs, RunDir(run.out)
-    todo = _todo(run, prep, ctx, echo, train, clean)
+    todo = _todo(run, prep, ctx, echo, train, clean, allow_missing)
+    if not train:
+        return []
     init_state = _init_state(prep, ctx, echo) if prep.cfg.init_from and todo else None
     tag = f"[worker {run.worker}] " if run.worker is not None else ""
     failed: List[Dict[str, Any]] = []
-    for i, (fold, seed) in enumerate(jobs):
-        head, path = f"{tag}[{i + 1}/{len(jobs)}] fold {fold} seed {seed}", rd.member(fold, seed)
+    queue = JobQueue(run.job_queue) if run.job_queue else None
+    for i, (fold, seed) in enumerate(queue.jobs(run.worker or 0) if queue else jobs):
+        head, path = f"{tag}[{jobs.index((fold, seed)) + 1}/{len(jobs)}] fold {fold} seed {seed}", rd.member(fold, seed)
         if (fold, seed) not in todo:
             if ctx.is_main and train:
                 echo(f"{head}: done already ({path}), reused")
             continue
         train_keys, val_keys = fold_split(prep.folds, fold)
+        after = len(queue.unclaimed()) if queue else sum(1 for j in jobs[i + 1:] if j in todo)
         try:
             res = Trainer(prep.cfg, prep.dataset, train_keys, val_keys, fold, seed, path,
                           rd.work_dir(member_name(fold, seed)), ctx, init_state=init_state,
                           progress=run.progress and run.worker is None,
-                          members_after=sum(1 for j in jobs[i + 1:] if j in todo), worker=run.worker,
+                          members_after=after, worker=run.worker,
                           loader_workers=run.loader_workers, callbacks=callbacks).fit()
         except MemberFailed as exc:
             if ctx.enabled:
@@ -239,6 +262,9 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callb
             failed.append({"fold": fold, "seed": seed, "kind": exc.kind, "message": str(exc)})
             echo(f"{head}: FAILED ({exc.kind}): {exc}")
             continue
+        finally:
+            if queue is not None and os.path.exists(path):
+                queue.done(run.worker or 0, (fold, seed))
         if ctx.is_main:
             echo(f"{head}: val MCC {res['val_mcc']:.4f} (best epoch {res['best_epoch']}, {res['seconds']:.0f} s)")
     return failed

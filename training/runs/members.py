@@ -6,35 +6,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from training.rundir import RunDir
+from training.config import config_differences
 from training.runs.run import CvError, Echo
-
-# settings that change how fast a run goes, not what it learns: ignored when deciding
-# whether a finished member belongs to this run
-RUNTIME_KEYS = ("train.num_workers",)
-
-
-
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
-def config_differences(old: Dict[str, Any], new: Dict[str, Any], ignore: Sequence[str] = RUNTIME_KEYS) -> List[str]:
-    """``["train.epochs: 3 in the member, 2 in this run", ...]``."""
-    a, b = _flatten(old or {}), _flatten(new or {})
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if k in ignore:
-            continue
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            diffs.append(f"{k}: {a.get(k, '<absent>')!r} in the member, {b.get(k, '<absent>')!r} in this run")
-    return diffs
-
 
 def _tile_difference(what: str, had: Sequence[str], want: Sequence[str]) -> Optional[str]:
     if list(had) == list(want):

@@ -38,6 +38,7 @@ class CvRun:
     worker: Optional[int] = None          # fold-parallel worker id (children only)
     loader_workers: Optional[int] = None  # data-loader workers per process (children only)
     parent_lock: bool = False             # the launching process holds the --out lock
+    job_queue: Optional[str] = None       # fold-parallel workers take (fold, seed) jobs from here (children only)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def cli_args(self) -> List[str]:
@@ -67,6 +68,8 @@ class CvRun:
             args += ["--loader-workers", str(self.loader_workers)]
         if self.parent_lock:
             args.append("--parent-lock")
+        if self.job_queue:
+            args += ["--job-queue", self.job_queue]
         return args
 
 

@@ -51,7 +51,8 @@ def summarise(out: str, jobs: List[Tuple[int, int]], folds: Dict, dataset, seeds
                      "epochs_run": ck.get("epochs_run"), "seconds": ck.get("train_seconds"),
                      "per_class": ck.get("per_class"), "path": p, "arch": ck["spec"]["arch"],
                      "encoder": ck["spec"]["encoder"], "size_mb": round(os.path.getsize(p) / 2 ** 20, 1),
-                     "class_warnings": ck.get("class_warnings") or [], "bad_steps": ck.get("bad_steps", 0)})
+                     "class_warnings": ck.get("class_warnings") or [], "class_outcomes": ck.get("class_outcomes") or [],
+                     "bad_steps": ck.get("bad_steps", 0)})
     mccs = [r["val_mcc"] for r in rows if r["val_mcc"] is not None]
     by_fold: Dict[int, List[float]] = {}
     for r in rows:
@@ -103,6 +104,13 @@ def render_training_log(summary: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outcome_line(o: Dict[str, Any]) -> str:
+    """How a class the guard warned about ended, on the member's kept weights."""
+    state = "recovered by the end" if o["recovered"] else "still not learned at the end"
+    return (f"{o['class']}: {state} (final validation recall {o['final_recall']:.3f}, one-vs-rest MCC "
+            f"{o['final_mcc']:.3f})")
+
+
 def render_summary(summary: Dict[str, Any]) -> str:
     names = summary["class_names"]
     head = f"{'fold':>4} {'seed':>4} {'val MCC':>8} {'epoch':>6} {'time s':>7}  " + " ".join(f"{n[:9]:>9}" for n in names)
@@ -117,10 +125,13 @@ def render_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"out-of-fold MCC over all training tiles {summary['oof_mcc']:.4f}")
     if summary.get("grade"):
         lines.append(f"grade against the targets: {summary['grade']['grade']} (details: training_log.txt)")
-    warned = [w for r in summary["members"] for w in r.get("class_warnings") or []]
-    if warned:  # the class guard's warnings, repeated where the user reads the results
-        lines.append("classes not learned:")
-        lines.extend(f"  {w}" for w in warned)
+    warned = [(r, w) for r in summary["members"] for w in r.get("class_warnings") or []]
+    if warned:  # the class guard's warnings, repeated where the user reads the results, with how they ended
+        lines.append("classes reported not learned during training:")
+        for r, w in warned:
+            lines.append(f"  {w}")
+            lines.extend(f"    -> {outcome_line(o)}" for o in r.get("class_outcomes") or []
+                         if f"class {o['class']} is not being learned" in w)
     failed = summary.get("failed") or []
     if failed:
         lines.append(f"FAILED members ({len(failed)}): no member file written")
