@@ -161,8 +161,7 @@ def _write_tiles(root: str, n: int, size: int) -> None:
 
 def command_ratio(n_members: int, size: int, repeats: int) -> dict:
     """`glacier-submit predict --tta d4` (2 tiles minus 1 tile) vs the naive loop, interleaved."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import make_member
+    from tests.helpers import make_member
 
     from glacier_runtime.normalize import normalize
     from training.engine.checkpoint import load_checkpoint, save_atomic

@@ -126,7 +126,7 @@ class OnnxRunner:
                 self.providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
             else:
                 log.warning("onnxruntime has no CUDA provider here (available: %s): the ONNX graph runs on the CPU. "
-                            "Install onnxruntime-gpu (pip install -e '.[export-gpu]'), not onnxruntime", available)
+                            "Install onnxruntime-gpu (the export-gpu extra) instead of onnxruntime", available)
         self._blob, self._threads = model_bytes, int(threads)
         self._sessions: Dict[int, object] = {}
         self._lock = threading.Lock()

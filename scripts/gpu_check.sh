@@ -14,10 +14,10 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-s
     | tee "$OUT/torch.txt"
 rc=0
 echo "== gpu tests"
-"$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_kaggle.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" \
+"$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" \
     || rc=1
 echo "== a failing NCCL rank ends the run (no hang)"
-"$PY" -m pytest -q tests/test_kaggle_path.py -k failing_rank -p no:cacheprovider 2>&1 | tee "$OUT/failing_rank.txt" \
+"$PY" -m pytest -q tests/training/engine/test_distributed.py -k failing_rank -p no:cacheprovider 2>&1 | tee "$OUT/failing_rank.txt" \
     || rc=1
 echo "== inference timings on the GPU (5 members x 8 views, 512x512)"
 "$PY" benchmarks/gpu_inference.py --repeats 2 --out "$OUT/gpu_inference.json" \

@@ -3,19 +3,11 @@ built bundles, a folds file, a local HTTP server. The builders they use are in t
 from __future__ import annotations
 
 import os
-import sys
 
-# benchmarks/inference_speed.py imports make_member from here (``from conftest import make_member``)
-# after putting tests/ first on sys.path; there tests/training/ and tests/glacier_runtime/ would
-# shadow the packages they test, so this folder is taken off the path again (under pytest it is
-# not on it: the repository root is).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from tests.helpers import Server, make_member, write_geotiff  # noqa: E402 - make_member: see above
+from tests.helpers import Server, make_member, write_geotiff
 
 
 @pytest.fixture(scope="session")

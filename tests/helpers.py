@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import json
 
 #: the repository root (the folder holding pyproject.toml)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -477,3 +478,42 @@ def quiet_fetch(*a, **k):
 
 def file_sha(p) -> str:
     return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+# ---- the two-GPU path on its CPU stand-ins ------------------------------------------------------------
+HKH_QUICK = os.path.join(ROOT, "configs", "hkh_pretrain_quick.yaml")
+TINY = {"train.epochs": 2, "train.patches_per_epoch": 8, "train.batch_size": 4, "train.patch_size": 64,
+        "model.decoder_channels": [16, 16, 16, 8, 8], "train.warmup_epochs": 0, "train.num_workers": 0}
+TINY_SETS = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v).replace(' ', '')}")]
+#: the shipped T4 configs' decoder attention (scSE needs decoder blocks of at least 16 channels)
+SCSE = {"model.decoder_attention_type": "scse", "model.decoder_channels": [32, 32, 16, 16, 16]}
+#: smp's U-Net never runs its last decoder block's first attention (that block has no skip)
+LAST_BLOCK_ATTENTION = ["decoder.blocks.4.attention1.attention.cSE.1.weight",
+                        "decoder.blocks.4.attention1.attention.cSE.1.bias",
+                        "decoder.blocks.4.attention1.attention.cSE.3.weight",
+                        "decoder.blocks.4.attention1.attention.cSE.3.bias",
+                        "decoder.blocks.4.attention1.attention.sSE.0.weight",
+                        "decoder.blocks.4.attention1.attention.sSE.0.bias"]
+
+
+def kaggle_dataset(synth_data):
+    from training.data.competition import CompetitionDataset
+
+    return CompetitionDataset(os.path.join(synth_data, "train"))
+
+
+def kaggle_trainer(synth_data, tmp_path, **over):
+    """A Trainer (6 training tiles, 2 validation, 2 tiny epochs unless ``over``) on the CPU."""
+    from training.config import load_config
+    from training.engine.trainer import Trainer
+
+    ds = kaggle_dataset(synth_data)
+    keys = sorted(ds.keys)
+    return Trainer(load_config(QUICK, {**TINY, **over}), ds, keys[:6], keys[6:8], 0, 0,
+                   str(tmp_path / "fold0_seed0.pt"), str(tmp_path / ".work"), progress=False)
+
+
+def kaggle_cv_cmd(synth_data, folds, out, *extra):
+    """`glacier-train cv` on the CPU, 2 tiny epochs (every fold unless ``extra`` names some)."""
+    return [sys.executable, "-m", "training.cli", "cv", "--config", QUICK, "--data", os.path.join(synth_data, "train"),
+            "--folds", folds, "--out", out, "--device", "cpu", "--no-progress", *TINY_SETS, *extra]

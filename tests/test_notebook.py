@@ -31,7 +31,7 @@ def test_notebook_is_clean_and_parameterised():
         assert name in params[0].source
     text = "\n".join(c.source for c in code)
     for needle in ("nvidia-smi", "--parallel-folds", "fetch", "inspect", " folds ", "pretrain", " build ", " evaluate ",
-                   "FileLink", 'pip install -q -e \'.[train,export,report]\''):
+                   "FileLink", "train,export-gpu,report", "train,export,report", "--find-links {WHEELS_DIR}"):
         assert needle in text, needle
     assert all(nb.cells[i - 1].cell_type == "markdown" for i, c in enumerate(nb.cells) if c.cell_type == "code"), \
         "a markdown cell explains each step"
@@ -85,3 +85,13 @@ def test_notebook_runs_on_cpu_with_synthetic_data(tmp_path):
     assert html, "the report's figures are shown inline"
     baseline = pixel_baseline_mcc(str(work / "synth" / "train"), str(work / "folds.json"), 0)
     assert report["mcc"] > baseline, (report["mcc"], baseline)
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_notebook_builds_an_honest_held_out_bundle():
+    """The notebook's held-out bundle does not fit anything on the members' OOF predictions."""
+    nb = json.load(open(os.path.join(ROOT, "notebooks", "kaggle_dual_t4.ipynb")))
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    flags = code.split('HELDOUT_BUILD_FLAGS = "')[1].split('"')[0].split()
+    assert flags[flags.index("--bias") + 1] == "none" and "--tune" not in flags
+    assert "{HELDOUT_BUILD_FLAGS}" in code

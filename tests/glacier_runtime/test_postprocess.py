@@ -111,7 +111,8 @@ def test_ring_pixel_shared_by_two_components_counts_for_both():
 
 @pytest.mark.parametrize("preset", ["light", "competition"])
 def test_presets_random_match_reference_chain(preset):
-    import yaml, pathlib
+    import yaml
+    import pathlib
 
     rules = yaml.safe_load((pathlib.Path(ROOT) / "glacier_submit" / "presets" / f"{preset}.yaml").read_text())["rules"]
     m = worst_case(11, (83, 91))

@@ -16,7 +16,7 @@ from glacier_submit.evaluate import EvaluateError, LeakError, evaluate
 from training.data.competition import CompetitionDataset
 from training.metrics import ConfusionAccumulator
 
-from tests.helpers import copy_tiles_as, fake_bundle, make_member
+from tests.helpers import ROOT, copy_tiles_as, fake_bundle, make_member
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +303,70 @@ def test_ablations_score_the_crf_bundle_as_built(tiny_members, synth_data, tmp_p
     plain = Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu", overrides={"crf": None})
     q = np.concatenate([plain.predict_ids(ds.image(k)).ravel() for k in keys])
     assert rows["without CRF"]["mcc"] == pytest.approx(matthews_corrcoef(y, q), abs=1e-9)
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_evaluate_hides_the_gpus_from_the_bundle_by_default(tiny_members, synth_data, tmp_path, monkeypatch):
+    import glacier_submit.evaluate as ev
+    from glacier_submit.bundle import build
+
+    build(tiny_members, str(tmp_path / "b"), bias="none", check_size=(64, 64))
+    seen = []
+
+    def fake_run_bundle(bundle, data, convention, out_dir, timeout, python, env=None):
+        seen.append(env)
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(ev, "run_bundle", fake_run_bundle)
+    for device, want in (("cpu", {"CUDA_VISIBLE_DEVICES": "", "GLACIER_DEVICE": "cpu"}), ("cuda", {})):
+        with pytest.raises(SystemExit):
+            ev.evaluate(str(tmp_path / "b"), os.path.join(synth_data, "unseen"), str(tmp_path / f"r{device}"),
+                        device=device)
+        assert seen[-1] == want
+
+
+def test_held_out_bundle_with_a_fitted_bias_is_refused_and_the_fix_named(tmp_path, synth_data):
+    """Members whose OOF predictions make --bias auto fit a non-zero bias: the default build's
+    bundle is refused on the held-out fold and the message names --bias none; the notebook's
+    flags give a bundle that evaluates."""
+    from glacier_submit.bundle import build
+    from glacier_submit.evaluate import LeakError, evaluate
+    from tests.helpers import make_member
+    from training.data.competition import CompetitionDataset
+    from training.folds import data_provenance, dataset_files, save_folds
+
+    ds = CompetitionDataset(os.path.join(synth_data, "train"))
+    keys = sorted(ds.keys)
+    val, train = keys[:2], keys[2:]
+    folds = {"folds": [{"fold": 0, "val": val, "train": train, "val_class_pixels": []}],
+             "provenance": data_provenance(dataset_files(ds))}
+    folds_file = str(tmp_path / "folds.json")
+    save_folds(folds, folds_file)
+    w = tmp_path / "weights"
+    member = make_member(str(w / "fold0_seed0.pt"), train_tiles=train, val_tiles=val)
+    rng = np.random.default_rng(0)
+    for key in val:  # OOF that under-predicts the rare classes: --bias auto moves them
+        lab = ds.label(key)
+        p = np.full((4,) + lab.shape, 0.05, np.float32)
+        p[0] += 0.5
+        for c in (1, 2, 3):
+            p[c][lab == c] += 0.42
+        p += 0.01 * rng.random(p.shape).astype(np.float32)
+        os.makedirs(w / "oof" / "fold0_seed0", exist_ok=True)
+        os.makedirs(w / "oof" / "labels", exist_ok=True)
+        np.save(w / "oof" / "fold0_seed0" / f"{key}.npy", (p / p.sum(0)).astype(np.float16))
+        np.save(w / "oof" / "labels" / f"{key}.npy", lab)
+    m = build([member], str(tmp_path / "auto"), check_size=(64, 64))
+    assert any(v != 0 for v in m["bias"]["values"])
+    with pytest.raises(LeakError, match="--bias none"):
+        evaluate(str(tmp_path / "auto"), os.path.join(synth_data, "train"), str(tmp_path / "r1"), fold=0,
+                 folds=folds_file, figures=False)
+    nb = json.load(open(os.path.join(ROOT, "notebooks", "kaggle_dual_t4.ipynb")))
+    code = "\n".join("".join(c["source"]) for c in nb["cells"])
+    flags = code.split('HELDOUT_BUILD_FLAGS = "')[1].split('"')[0].split()
+    kw = {"tta": flags[flags.index("--tta") + 1], "postprocess": flags[flags.index("--postprocess") + 1],
+          "bias": flags[flags.index("--bias") + 1]}
+    build([member], str(tmp_path / "honest"), check_size=(64, 64), **kw)
+    r = evaluate(str(tmp_path / "honest"), os.path.join(synth_data, "train"), str(tmp_path / "r2"), fold=0,
+                 folds=folds_file, figures=False)
+    assert not r["leaky"] and "mcc" in r

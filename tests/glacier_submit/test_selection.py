@@ -169,7 +169,7 @@ def test_select_members_properties():
     from glacier_submit.selection import select_members
 
     rng = np.random.default_rng(0)
-    for case in range(200):
+    for _ in range(200):
         n = int(rng.integers(1, 12))
         rows = [{"name": f"m{i}", "fold": int(rng.integers(0, 4)), "seed": i,
                  "val_mcc": float(rng.random()) if rng.random() > 0.1 else None,
@@ -188,7 +188,9 @@ def test_select_members_properties():
                 assert ("size budget" in r["reason"]) or ("--max-members" in r["reason"])
         # coverage first: a fold is missing only if its best member did not fit beside the
         # stronger folds' best members (or the cap was full of them)
-        key = lambda r: (-(r["val_mcc"] if r["val_mcc"] is not None else -1.0), r["name"])
+        def key(r):
+            return (-(r["val_mcc"] if r["val_mcc"] is not None else -1.0), r["name"])
+
         best = {}
         for r in sorted(rows, key=key):
             best.setdefault(r["fold"], r)

@@ -129,3 +129,9 @@ def test_class_dependent_settings_checked_before_training(tmp_path):
     cfg = load_config(QUICK, {"sampler.targets": {"ice": 1.0}})
     with pytest.raises(ConfigError, match="unknown classes"):
         check_against_classes(cfg, ["background", "glacier", "debris", "lake"], QUICK)
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_shipped_t4_configs_use_scse():
+    for name in ("competition_finetune_t4x2.yaml", "hkh_pretrain_t4x2.yaml"):
+        assert load_config(os.path.join(ROOT, "configs", name)).model.decoder_attention_type == "scse", name

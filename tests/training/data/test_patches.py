@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from tests.helpers import toy_labels
+from tests.helpers import QUICK, toy_labels
+from training.config import load_config
 
 
 def test_patch_dataset_deterministic_per_index():
@@ -17,3 +18,25 @@ def test_patch_dataset_deterministic_per_index():
     a, b = ds[1], ds[1]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (5, 32, 32) and a[1].shape == (32, 32) and a[2].shape == (4, 32, 32)
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_augmentation_differs_between_ranks():
+    """Under DDP rank r's i-th patch must not get rank 0's i-th augmentation; rank 0 keeps the
+    one-process augmentation."""
+    from training.data.augment import build_augment
+    from training.data.patches import PatchDataset
+
+    cfg = load_config(QUICK).augment
+    img = {"t": np.random.default_rng(0).standard_normal((5, 64, 64)).astype(np.float32)}
+    lab = {"t": np.zeros((64, 64), np.uint8)}
+    patches = [("t", 0, 0, 0)]
+
+    def item(rank):
+        return PatchDataset(img, lab, patches, 64, 4, build_augment(cfg), seed=3, epoch=1, rank=rank)[0][0]
+
+    assert not torch.equal(item(0), item(1))
+    aug = build_augment(cfg)
+    aug.set_random_seed(int((3 * 1_000_003 + 1 * 10_007 + 0) % (2**31)))  # the one-process formula
+    ref = aug(image=np.ascontiguousarray(img["t"].transpose(1, 2, 0)), mask=lab["t"])["image"]
+    assert torch.equal(item(0), torch.from_numpy(np.ascontiguousarray(ref.transpose(2, 0, 1))))

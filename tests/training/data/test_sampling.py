@@ -16,9 +16,9 @@ def test_sampler_hits_targets_and_boosts_rare_pixels():
     rates = achieved_rates([p[3] for p in patches], 4)
     assert np.allclose(rates, [0.1, 0.35, 0.4, 0.15], atol=0.03)
     lake_px = np.mean([(labs[k][y:y + 32, x:x + 32] == 3).mean() for k, y, x, _ in patches])
-    overall = np.mean([(l == 3).mean() for l in labs.values()])
+    overall = np.mean([(lab == 3).mean() for lab in labs.values()])
     assert lake_px > 2 * overall  # 15 % of patches hold a 16 px lake: ~2.9x the base rate
-    for k, y, x, c in patches[:200]:
+    for _, y, x, _ in patches[:200]:
         assert 0 <= y <= 96 - 32 and 0 <= x <= 96 - 32
     assert s.sample(10, 0, 3) == s.sample(10, 0, 3) and s.sample(10, 0, 3) != s.sample(10, 0, 4)
 

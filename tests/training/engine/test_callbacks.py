@@ -34,7 +34,7 @@ def test_the_base_callback_does_nothing():
 
 def test_called_once_per_epoch_with_the_epoch_and_its_row(synth_data, tmp_path):
     rec = Recorder()
-    t = make_trainer(synth_data, tmp_path, callbacks=[rec], **{"train.epochs": 2})
+    t = make_trainer(synth_data, tmp_path, callbacks=[rec], **{"train.epochs": 2, "train.checkpoint_every_s": 0})
     t.fit()
     assert [(c[1], c[3]) for c in rec.calls] == [(0, 0), (1, 1)]  # after that epoch's last.pt was written
     assert all(c[0] is t for c in rec.calls)

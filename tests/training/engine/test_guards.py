@@ -216,3 +216,24 @@ def test_window_batches_same_samples_per_step_after_halving():
     assert sum((b for b, _ in half), []) == order[16:]
     with pytest.raises(ValueError, match="step boundary"):
         window_batches(order, 8, 4, start=4)
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_class_guard_outcome_says_whether_the_class_recovered():
+    from training.engine.guards import ClassLearningMonitor
+
+    names = ["background", "glacier", "debris", "lake"]
+    mon = ClassLearningMonitor(names, warmup=0, patience=1)
+    weak = np.diag([100, 50, 0, 5]).astype(float)
+    weak[2, 0] = 20  # debris all predicted as background: recall 0
+    assert mon.observe(0, weak, [0.25] * 4, [0.25] * 4)
+    good = np.diag([100, 50, 18, 5]).astype(float)
+    good[2, 0] = 2
+    (o,) = mon.outcomes(good)
+    tp, fn, fp = 18.0, 2.0, 0.0
+    tn = good.sum() - tp - fn - fp
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert o["class"] == "debris" and o["recovered"] and o["warned_epoch"] == 0
+    assert abs(o["final_recall"] - 0.9) < 1e-12 and abs(o["final_mcc"] - mcc) < 1e-12
+    (o,) = mon.outcomes(weak)
+    assert not o["recovered"] and o["final_recall"] == 0.0

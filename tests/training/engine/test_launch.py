@@ -7,6 +7,9 @@ import sys
 import pytest
 
 from training.engine.launch import Worker, describe_rc, run_workers, split_cpus, visible_devices, worker_devices
+import subprocess
+import time
+from tests.helpers import kaggle_cv_cmd, repo_env
 
 
 def test_worker_devices_follow_the_users_cuda_visible_devices():
@@ -46,3 +49,63 @@ def test_killed_worker_is_reported_with_its_log_tail(tmp_path):
     assert "worker one done" in open(tmp_path / "relay.txt").read()
     assert "line 59" in open(tmp_path / "w0.log").read()
     assert describe_rc(3) == "exited with status 3"
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def _alive(pids):
+    from training.engine.launch import alive
+
+    return alive(pids)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_launcher_leaves_no_rank_alive(synth_data, folds_file, tmp_path):
+    """SIGINT to `cv --gpus 2`: the launcher forwards it and waits; when it has exited no
+    rank process is left, and the lock on --out was held until then (it is gone now)."""
+    from training.engine.launch import descendants
+
+    out = str(tmp_path / "w")
+    cmd = kaggle_cv_cmd(synth_data, folds_file, out, "--fold", "0", "--gpus", "2", "--set", "train.epochs=50")
+    proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    family = {}
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.exists(os.path.join(out, ".work", "fold0_seed0", "last.pt")):
+        family.update(descendants(proc.pid))
+        time.sleep(0.2)
+    family.update(descendants(proc.pid))
+    ranks = [p for p in family if "training.cli" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")] \
+        if family else []
+    assert len(family) >= 3, family  # torchrun and its two ranks
+    assert os.path.exists(os.path.join(out, ".glacier-lock"))
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, text[-2000:]
+    assert _alive(family) == [], (ranks, text[-2000:])
+    assert not os.path.exists(os.path.join(out, ".glacier-lock"))
+
+
+def test_launcher_interrupt_stops_torchrun_and_ranks_that_outlive_it(tmp_path, monkeypatch):
+    """The stop logic on a stand-in tree: a parent that ignores SIGINT for a moment, and a
+    child in its own session that ignores SIGINT and SIGTERM (as a stuck rank would)."""
+    import training.engine.launch as launch
+    from training.engine.launch import descendants, stop_process_tree
+
+    monkeypatch.setattr(launch, "STOP_GRACE_S", (5.0, 1.0))  # the stuck child ignores SIGTERM: do not wait 10 s
+
+    child = ("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)\n")
+    parent = ("import subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    family = {}
+    for _ in range(100):
+        family = descendants(proc.pid)
+        if family:
+            break
+        time.sleep(0.05)
+    assert len(family) == 1
+    t0 = time.time()
+    stop_process_tree(proc, family)
+    assert proc.poll() is not None and _alive(family) == []
+    assert time.time() - t0 < 30

@@ -1,6 +1,7 @@
 """Restoring a cut run's state onto the run's device: optimizer moments, EMA weights, gradient scaler."""
 import pytest
 import torch
+from tests.helpers import kaggle_trainer
 
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
@@ -25,3 +26,24 @@ def test_restore_state_scaler_and_ema_device_unit():
     restore_state(ck, torch.device("meta"), target, t_opt, scaler, t_ema)
     assert all(v.device.type == "meta" for v in t_ema.state.values())
     assert all(v.device.type == "meta" for st in t_opt.state.values() for k, v in st.items() if k != "step")
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_resume_keeps_the_ema_step_count(synth_data, tmp_path):
+    from training.engine.state import restore_state
+
+    class InterruptAfter:
+        def on_epoch_end(self, trainer, epoch, row):
+            raise KeyboardInterrupt
+
+    t = kaggle_trainer(synth_data, tmp_path, **{"train.ema": 0.999, "train.checkpoint_every_s": 0})
+    t.callbacks = [InterruptAfter()]
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    ck = torch.load(t.last_path, weights_only=True)
+    assert ck["ema_steps"] == t.ema.steps == 2  # 8 patches / batch 4 = 2 optimiser steps
+    r = kaggle_trainer(synth_data, tmp_path, **{"train.ema": 0.999, "train.checkpoint_every_s": 0})
+    r.setup_data()
+    r.setup_model()
+    restore_state(ck, r.device, r.model, r.opt, r.scaler, r.ema, r.plateau)
+    assert r.ema.steps == 2

@@ -16,7 +16,8 @@ from training.config import load_config
 from training.engine.checkpoint import load_checkpoint
 from training.engine.guards import MemberDiverged, MemberOutOfMemory, nonfinite_tensors
 
-from tests.helpers import InterruptAfter, QUICK, ROOT, craft, cv_cmd_any_fold, make_trainer, repo_env
+from tests.helpers import (QUICK, ROOT, TINY, InterruptAfter, craft, cv_cmd_any_fold, kaggle_dataset, kaggle_trainer,
+                           make_trainer, repo_env)
 
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
@@ -371,3 +372,52 @@ def test_ddp_uneven_patch_count_does_not_hang(synth_data, folds_file, tmp_path):
     from training.engine.checkpoint import load_checkpoint
 
     assert len(load_checkpoint(os.path.join(out, "fold0_seed0.pt"))["history"]) == 2
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_oom_between_unscale_and_step_is_redone_with_auto_batch(synth_data, tmp_path, monkeypatch):
+    """With a live GradScaler (CPU's here), an OOM raised after ``unscale_`` used to make the
+    redo fail with "unscale_() has already been called on this optimizer"."""
+    t = kaggle_trainer(synth_data, tmp_path, **{"train.auto_batch": True, "train.epochs": 1})
+    t.setup_data()
+    t.setup_model()
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(params, max_norm, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory (test)")
+        return real(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    row = t.train_one_epoch(0)
+    assert row["micro_batch"] == 2 and row["accumulate"] == 2 and math.isfinite(row["loss_total"])
+    assert calls["n"] == 3  # the failed step, then its redo and the next step
+
+
+def test_last_checkpoint_is_time_based(synth_data, tmp_path):
+    """last.pt after the first epoch, then only when train.checkpoint_every_s has passed."""
+    seen = []
+
+    class Watch:
+        def on_epoch_end(self, trainer, epoch, row):
+            seen.append(torch.load(trainer.last_path, weights_only=True)["epoch"])
+
+    t = kaggle_trainer(synth_data, tmp_path, **{"train.epochs": 2, "train.checkpoint_every_s": 3600})
+    t.callbacks = [Watch()]
+    t.fit()
+    assert seen == [0, 0]  # every epoch at 0: the resume tests of the trainer and cv cover it
+
+
+def test_loader_workers_are_split_between_ranks(synth_data, tmp_path):
+    from training.engine.distributed import DistContext
+    from training.engine.launch import split_cpus
+    from training.engine.trainer import Trainer
+
+    ds = kaggle_dataset(synth_data)
+    cfg = load_config(QUICK, {**TINY, "train.num_workers": 4})
+    t = Trainer(cfg, ds, ["00_00"], [], 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "w"),
+                DistContext(rank=0, world=2), progress=False)
+    assert t.num_workers == split_cpus(2, 4)["loader_workers"] <= 2

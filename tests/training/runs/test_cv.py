@@ -15,7 +15,8 @@ import yaml
 from training.engine.checkpoint import REQUIRED, load_checkpoint
 from training.engine.guards import nonfinite_tensors
 
-from tests.helpers import QUICK, ROOT, cv_cmd, cv_cmd_any_fold, encoder_file, kill_after_first_epoch, repo_env
+from tests.helpers import (QUICK, ROOT, cv_cmd, cv_cmd_any_fold, encoder_file, kaggle_cv_cmd, kill_after_first_epoch, repo_env)
+import threading
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +134,6 @@ def test_cv_bad_folds_file(synth_data, tmp_path):
     assert r.returncode != 0 and "99_99" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
-def test_fold_parallel_two_workers(synth_data, folds_file, tmp_path):
-    out = str(tmp_path / "cv_par")
-    cmd = [c for c in cv_cmd(os.path.join(synth_data, "train"), folds_file, out) if c not in ("--fold",)]
-    cmd.remove("0")  # drop the "--fold 0" pair: train folds 0 and 1 in two processes
-    cmd += ["--fold", "0", "--fold", "1", "--parallel-folds", "2"]
-    r = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    assert "worker 0 (CPU, folds [0])" in r.stdout and "worker 1 (CPU, folds [1])" in r.stdout
-    for f in (0, 1):
-        assert load_checkpoint(os.path.join(out, f"fold{f}_seed0.pt"))["fold"] == f
-    summary = json.load(open(os.path.join(out, "cv_summary.json")))
-    assert sorted(m["fold"] for m in summary["members"]) == [0, 1]
 
 
 def test_gpus_with_parallel_folds_is_a_clear_error(synth_data, folds_file, tmp_path):
@@ -156,29 +144,6 @@ def test_gpus_with_parallel_folds_is_a_clear_error(synth_data, folds_file, tmp_p
     assert not os.path.exists(str(tmp_path / "o"))
 
 
-@pytest.mark.slow
-def test_fold_parallel_worker_killed_fails_the_run(synth_data, folds_file, tmp_path):
-    out = str(tmp_path / "w")
-    cmd = cv_cmd_any_fold(os.path.join(synth_data, "train"), folds_file, out, "--fold", "0", "--fold", "1",
-               "--parallel-folds", "2", "--set", "train.epochs=3")
-    proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    victim = None
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("worker 1 (") and "pid " in line:
-            victim = int(line.split("pid ")[1].split(",")[0])
-            time.sleep(1.0)
-            os.kill(victim, signal.SIGKILL)
-    proc.wait(timeout=600)
-    text = "".join(lines)
-    assert victim is not None, text
-    assert proc.returncode != 0, text
-    assert "worker 1 (CPU, folds [1]) FAILED: killed by SIGKILL" in text
-    assert "folds [1] are not finished" in text and "nothing was retrained" in text
-    assert os.path.exists(os.path.join(out, "fold0_seed0.pt"))       # the other worker finished
-    assert not os.path.exists(os.path.join(out, "fold1_seed0.pt"))   # and nobody retrained fold 1
-    assert "[worker 0] fold 0 seed 0 | epoch 3/3" in text            # worker lines carry their id
 
 
 TINY_SETS = ["--set", "train.epochs=2", "--set", "train.patches_per_epoch=8", "--set", "train.batch_size=4",
@@ -268,3 +233,74 @@ def test_cv_refuses_before_reading_data(tmp_path, monkeypatch, kind):
     assert r.exit_code != 0 and not opened
     assert ("RGB filters do not match" if kind == "imagenet" else "made for 3 input bands") in r.output, r.output
     assert not os.path.exists(tmp_path / "w")
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_ddp_cv_with_scse_trains_to_the_end(synth_data, folds_file, tmp_path):
+    """Two gloo ranks, the shipped configs' attention: the second step used to fail with
+    "Expected to have finished reduction in the prior iteration"."""
+    from training.engine.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "w")
+    r = subprocess.run(kaggle_cv_cmd(synth_data, folds_file, out, "--fold", "0", "--gpus", "2",
+                               "--set", "model.decoder_attention_type=scse",
+                               "--set", "model.decoder_channels=[32,32,16,16,16]"),
+                       env=repo_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    ck = load_checkpoint(os.path.join(out, "fold0_seed0.pt"))
+    assert len(ck["history"]) == 2 and ck["spec"]["decoder_attention_type"] == "scse"
+
+
+def test_device_cuda_without_a_gpu_is_an_error_before_any_process(synth_data, folds_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    cmd = [c if c != "cpu" else "cuda" for c in kaggle_cv_cmd(synth_data, folds_file, str(tmp_path / "w"), "--gpus", "2")]
+    r = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--device cuda, but torch sees no GPU" in r.stderr and "Traceback" not in r.stderr
+    assert "torch.distributed.run" not in r.stdout
+
+
+@pytest.mark.slow
+def test_fold_parallel_takes_jobs_from_the_queue(synth_data, folds_file, tmp_path):
+    from training.engine.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "cv_par")
+    r = subprocess.run(kaggle_cv_cmd(synth_data, folds_file, out, "--fold", "0", "--fold", "1", "--parallel-folds", "2"),
+                       env=repo_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "worker 0 (CPU, jobs from the shared queue)" in r.stdout and "worker 1 (CPU" in r.stdout
+    for f in (0, 1):
+        assert load_checkpoint(os.path.join(out, f"fold{f}_seed0.pt"))["fold"] == f
+    summary = json.load(open(os.path.join(out, "cv_summary.json")))
+    assert sorted(m["fold"] for m in summary["members"]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_killed_worker_leaves_a_summary_of_what_finished(synth_data, folds_file, tmp_path):
+    """Worker 1 is killed once it holds a job: the other worker finishes the rest, the
+    summary covers every finished member, and the error names exactly the unfinished job."""
+    out = str(tmp_path / "w")
+    cmd = kaggle_cv_cmd(synth_data, folds_file, out, "--fold", "0", "--fold", "1", "--seeds", "0", "--seeds", "1",
+                  "--parallel-folds", "2", "--set", "train.epochs=3")
+    proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    queue = os.path.join(out, ".work", "queue")
+    victim, deadline = None, time.time() + 300
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    lines = []
+    reader.start()
+    while victim is None and time.time() < deadline:
+        claims = [n for n in (os.listdir(queue) if os.path.isdir(queue) else []) if n.startswith("claimed-1-")]
+        pids = [int(line.split("pid ")[1].split(",")[0]) for line in list(lines) if line.startswith("worker 1 (")]
+        if claims and pids:
+            victim, job = pids[0], claims[0].split("-", 3)[3]
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.05)
+    proc.wait(timeout=900)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert victim is not None and proc.returncode != 0, text[-3000:]
+    fold, seed = (int(x) for x in job.replace("fold", "").split("_seed"))
+    assert f"not finished: fold {fold} seed {seed}" in text and "nothing was retrained" in text
+    summary = json.load(open(os.path.join(out, "cv_summary.json")))
+    done = sorted((m["fold"], m["seed"]) for m in summary["members"])
+    assert done == sorted({(0, 0), (0, 1), (1, 0), (1, 1)} - {(fold, seed)})

@@ -8,7 +8,7 @@ import torch
 
 from training.bands import BandMappingError
 
-from tests.helpers import ROOT
+from tests.helpers import HKH_QUICK, ROOT, TINY, TINY_SETS, repo_env
 
 
 @pytest.mark.slow
@@ -66,3 +66,71 @@ def test_pretrain_in_process_then_init_from(fake_hkh, tmp_path):
     lines = []
     state = load_init_state(out, cfg, lines)
     assert len(state) == len(ck["state_dict"]) and "loaded" in lines[0]
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+@pytest.mark.slow
+def test_ddp_pretrain_with_scse_trains_to_the_end(tmp_path):
+    from training.data.hkh import write_fake_hkh
+
+    data = str(tmp_path / "hkh")
+    write_fake_hkh(data, 8, 2, 64, 0)
+    out = str(tmp_path / "pre" / "hkh.pt")
+    r = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--config", HKH_QUICK, "--data", data,
+                        "--out", out, "--device", "cpu", "--gpus", "2", "--no-progress", *TINY_SETS,
+                        "--set", "model.decoder_attention_type=scse", "--set", "model.decoder_channels=[32,32,16,16,16]"],
+                       env=repo_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert os.path.exists(out)
+
+
+def test_pretrain_holds_a_lock_on_its_output(tmp_path):
+    from training.engine.runlock import RunLock
+    from training.data.hkh import write_fake_hkh
+
+    data = str(tmp_path / "hkh")
+    write_fake_hkh(data, 4, 2, 64, 0)
+    out = str(tmp_path / "hkh.pt")
+    with RunLock(out + ".work"):
+        r = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--config", HKH_QUICK, "--data", data,
+                            "--out", out, "--device", "cpu", "--no-progress", *TINY_SETS],
+                           env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "in use by another training run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pretrain_skips_a_finished_run_and_force_retrains(tmp_path):
+    from training.data.hkh import write_fake_hkh
+    from training.runs.pretrain import PretrainDone, check_finished, pretrain
+
+    data = str(tmp_path / "hkh")
+    write_fake_hkh(data, 4, 2, 64, 0)
+    out = str(tmp_path / "pre" / "hkh.pt")
+    res = pretrain(HKH_QUICK, data, out, device="cpu", overrides=dict(TINY), progress=False)
+    first = os.path.getmtime(out)
+    assert res["val_mcc"] is not None
+    assert "val MCC" in check_finished(HKH_QUICK, data, out, overrides=dict(TINY))
+    with pytest.raises(PretrainDone, match="finished pre-training of this config and data"):
+        pretrain(HKH_QUICK, data, out, device="cpu", overrides=dict(TINY), progress=False)
+    assert os.path.getmtime(out) == first
+    with pytest.raises(ValueError, match="another config, data or seed.*--force"):
+        check_finished(HKH_QUICK, data, out, overrides={**TINY, "train.epochs": 3})
+    write_fake_hkh(data, 5, 2, 64, 1)  # the data changed
+    with pytest.raises(ValueError, match="--force"):
+        check_finished(HKH_QUICK, data, out, overrides=dict(TINY))
+    assert check_finished(HKH_QUICK, data, out, overrides=dict(TINY), force=True) is None
+    pretrain(HKH_QUICK, data, out, device="cpu", overrides=dict(TINY), progress=False, force=True)
+    assert os.path.getmtime(out) > first
+
+
+def test_pretrain_cli_says_it_kept_a_finished_run(tmp_path):
+    from training.data.hkh import write_fake_hkh
+    from training.runs.pretrain import pretrain
+
+    data = str(tmp_path / "hkh")
+    write_fake_hkh(data, 4, 2, 64, 0)
+    out = str(tmp_path / "hkh.pt")
+    pretrain(HKH_QUICK, data, out, device="cpu", overrides=dict(TINY), progress=False)
+    r = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--config", HKH_QUICK, "--data", data,
+                        "--out", out, "--device", "cpu", "--gpus", "2", "--no-progress", *TINY_SETS],
+                       env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "kept, nothing to do" in r.stdout and "torch.distributed.run" not in r.stdout

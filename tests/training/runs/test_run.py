@@ -12,7 +12,8 @@ from tests.helpers import ROOT
 def test_child_arguments_come_from_parsed_parameters():
     from training.runs.cv import CvRun
 
-    run = CvRun(config=os.path.join(ROOT, "configs", "quickstart.yaml"), data=ROOT, folds_path=os.path.join(ROOT, "pyproject.toml"), out="o", seeds=(0, 1), only_folds=(2,),
+    run = CvRun(config=os.path.join(ROOT, "configs", "quickstart.yaml"), data=ROOT,
+                folds_path=os.path.join(ROOT, "pyproject.toml"), out="o", seeds=(0, 1), only_folds=(2,),
                 sets=("train.epochs=3",), verbose=True, worker=1, loader_workers=0, parent_lock=True)
     args = run.cli_args()
     assert args[:2] == ["-v", "cv"]  # -v reaches the children

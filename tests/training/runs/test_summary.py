@@ -56,8 +56,22 @@ def test_summary_lists_members_warnings_and_failures():
     assert lines[2] == "   0    1   0.5000      3      12      0.700       nan"
     assert lines[3:] == ["mean val MCC 0.5000 +- 0.0000", "out-of-fold MCC over all training tiles 0.4500",
                          "grade against the targets: pass (details: training_log.txt)",
-                         "classes not learned:", "  class glacier is not being learned",
+                         "classes reported not learned during training:", "  class glacier is not being learned",
                          "FAILED members (1): no member file written",
                          "  fold 1 seed 0 (diverged): training diverged at epoch 2"]
     quiet = dict(summary, oof_mcc=None, failed=[], grade=None, members=[dict(summary["members"][0], class_warnings=[])])
     assert render_summary(quiet).splitlines()[3:] == ["mean val MCC 0.5000 +- 0.0000"]
+
+
+# ---- the two-GPU path on its CPU stand-ins --------------------------------------------------
+def test_summary_says_whether_a_warned_class_recovered():
+    from training.runs.summary import render_summary
+
+    warning = "fold 0 seed 0 epoch 3: class debris is not being learned: validation recall 0.000"
+    member = {"fold": 0, "seed": 0, "val_mcc": 0.8, "best_epoch": 19, "seconds": 1.0, "per_class": [],
+              "class_warnings": [warning],
+              "class_outcomes": [{"class": "debris", "warned_epoch": 3, "recovered": True, "final_recall": 0.81,
+                                  "final_mcc": 0.758}]}
+    text = render_summary({"class_names": ["background"], "members": [member], "mean_val_mcc": 0.8,
+                           "std_val_mcc": 0.0, "oof_mcc": None})
+    assert warning in text and "debris: recovered by the end (final validation recall 0.810, one-vs-rest MCC 0.758)" in text
