@@ -175,9 +175,11 @@ def render_manifest(m: Any) -> str:
                   + (f", missing {sel.folds_missing}" if sel.folds_missing else ", all represented") + ")",
                   render_table(sel.table), ""]
     lines += [f"{'member':<16} {'fold':>4} {'seed':>4} {'arch':<16} {'val MCC':>8} {'weight':>7}"]
-    for e in m.members:
+    for e in m.members:  # older or hand-made manifests may lack fields: '-' then
         mcc = e.val_mcc if e.val_mcc is not None else float("nan")
-        lines.append(f"{e.name:<16} {e.fold:>4} {e.seed:>4} {e.arch + '/' + e.encoder:<16} {mcc:>8.4f} {e.weight:>7.3f}")
+        arch = f"{e.arch or '?'}/{e.encoder or '?'}"
+        lines.append(f"{e.name:<16} {_or_dash(e.fold):>4} {_or_dash(e.seed):>4} {arch:<16} {mcc:>8.4f} "
+                     f"{(e.weight if e.weight is not None else float('nan')):>7.3f}")
     lines += ["", _settings_line(m), _bias_line(m.bias), _runtime_line(m.runtime),
               f"size {sum(f['bytes'] for f in m.files.values()) / MB:.1f} MB of {m.budget.max_mb:.0f} MB",
               _timing_line(m.timing)]
@@ -211,6 +213,11 @@ def _runtime_line(r: Runtime) -> str:
     return line
 
 
+def _or_dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
 def _timing_line(t: Timing) -> str:
-    return (f"time on {t.device} ({t.machine}): load {t.load_s:.2f} s, {t.tile_s:.2f} s per "
-            f"{t.check_tile[1]}x{t.check_tile[2]} tile -> ~{t.estimated_total_s:.0f} s for {t.test_tiles} tiles")
+    tile = f"{t.check_tile[1]}x{t.check_tile[2]}" if len(t.check_tile or []) == 3 else "check"
+    return (f"time on {t.device} ({t.machine}): load {t.load_s or 0:.2f} s, {t.tile_s or 0:.2f} s per "
+            f"{tile} tile -> ~{t.estimated_total_s or 0:.0f} s for {t.test_tiles} tiles")

@@ -95,3 +95,11 @@ def test_render_manifest_from_a_dict():
 def test_load_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="glacier-submit build"):
         Manifest.load(str(tmp_path))
+
+
+def test_render_manifest_of_an_incomplete_manifest():
+    """An older or hand-made manifest missing fields still renders (a dash where a value is missing)."""
+    from glacier_submit.manifest import render_manifest
+
+    text = render_manifest({"members": [{"name": "m0"}], "timing": {"check_tile": []}})
+    assert "m0" in text and "   -    - ?/?" in text and "per check tile" in text
