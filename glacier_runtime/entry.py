@@ -162,28 +162,45 @@ def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir:
     return results
 
 
-def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """Predict every tile; returns ``{tile_id: uint8 mask}`` and writes masks if given a folder."""
-    model_path = None
+def maskgeration(imagepath: Union[str, Mapping[str, str]], out_dir: Optional[str] = None,
+                 model_path: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Predict every tile; returns ``{tile_id: uint8 mask}`` and writes masks if given a folder.
+    The second argument is an output folder, or the path of model.pth (then nothing is
+    written); ``model_path`` names the weights explicitly."""
     if out_dir is not None and os.path.isfile(os.fspath(out_dir)):
         model_path, out_dir = os.fspath(out_dir), None
     return predict_folder(get_predictor(model_path), imagepath, out_dir)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Glacier segmentation submission")
     parser.add_argument("--imagepath", type=str, help="folder with Band1..Band5 sub-folders")
     parser.add_argument("--output", type=str, help="folder for the predicted masks")
+    parser.add_argument("--model_path", "--model-path", dest="model_path", type=str,
+                        help="model.pth to use (default: the one beside solution.py)")
     parser.add_argument("--data", type=str, help="(earlier template) folder with band sub-folders")
     parser.add_argument("--masks", type=str, help="(earlier template) ground-truth folder, unused here")
     parser.add_argument("--out", type=str, help="(earlier template) folder for the predicted masks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    """The organisers' entry point. Arguments it does not know are reported and ignored:
+    harnesses pass extra ones (``--model_path FILE`` is known), and dying on them costs the run."""
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if unknown:
+        log.warning("ignoring arguments this solution.py does not know: %s", " ".join(unknown))
+    model = args.model_path
+    if model is not None and not os.path.isfile(model):
+        log.warning("--model_path %s is not a file; using the model.pth beside solution.py", model)
+        model = None
     if args.data:
         band_dict = {name: os.path.join(args.data, name) for name in sorted(os.listdir(args.data))
                      if os.path.isdir(os.path.join(args.data, name))}
-        maskgeration(band_dict, args.out or args.output)
+        maskgeration(band_dict, args.out or args.output, model)
     elif args.imagepath:
-        maskgeration(args.imagepath, args.output or args.out)
+        maskgeration(args.imagepath, args.output or args.out, model)
     else:
         parser.error("pass --imagepath DIR --output DIR (or --data DIR --out DIR)")

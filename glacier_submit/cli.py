@@ -81,7 +81,9 @@ def cli(verbose: bool) -> None:
          "before any TTA, scale or member is dropped.")
 @click.option("--int8-min-agreement", type=click.FloatRange(0.0, 100.0), default=99.5, show_default=True,
     help="--precision int8: refuse int8 when its class maps equal fp32's on fewer than this percent of pixels.")
-@click.option("--max-mb", default=300.0, show_default=True, type=float, help="Size budget for the uploaded files.")
+@click.option("--max-mb", default=300.0, show_default=True, type=float,
+    help="Size budget for the uploaded files (solution.py + model.pth), in MB of 10^6 bytes: the platform's "
+         "\"300 MB\" read so that it can never be exceeded.")
 @click.option("--time-budget", default=None, type=float,
     help="Seconds per tile allowed; TTA/scales are reduced to fit (extra scales first, then D4 -> flips -> "
          "none), then the weakest members.")

@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
 
+from glacier_submit.selection import MB, MB_UNIT
+
 T = TypeVar("T")
-MB = 1024 * 1024
 
 
 def _from(cls: Type[T], d: Optional[Mapping[str, Any]]) -> T:
@@ -181,7 +182,7 @@ def render_manifest(m: Any) -> str:
         lines.append(f"{e.name:<16} {_or_dash(e.fold):>4} {_or_dash(e.seed):>4} {arch:<16} {mcc:>8.4f} "
                      f"{(e.weight if e.weight is not None else float('nan')):>7.3f}")
     lines += ["", _settings_line(m), _bias_line(m.bias), _runtime_line(m.runtime),
-              f"size {sum(f['bytes'] for f in m.files.values()) / MB:.1f} MB of {m.budget.max_mb:.0f} MB",
+              f"size {sum(f['bytes'] for f in m.files.values()) / MB:.1f} of {m.budget.max_mb:.0f} {MB_UNIT}",
               _timing_line(m.timing)]
     if m.tuning:
         from glacier_submit.tuning.decisions import render_decision_rows

@@ -54,13 +54,13 @@ _entry = importlib.import_module(_PKG + ".entry")
 _entry.BUNDLE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def maskgeration(imagepath, out_dir=None):
+def maskgeration(imagepath, out_dir=None, model_path=None):
     """Predict masks for every tile of ``imagepath`` (a folder or a band-folder dict).
 
     ``out_dir``: a folder to write masks into, or the path of model.pth. Returns
     ``{{tile_id: uint8 mask with values 0/85/170/255}}``.
     """
-    return _entry.maskgeration(imagepath, out_dir)
+    return _entry.maskgeration(imagepath, out_dir, model_path)
 
 
 def main():

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-MB = 1024 * 1024
+#: The platform states its limit as "300 MB"; read as 10^6 bytes it can never be exceeded (300 MiB
+#: would be 314.6 million bytes): every size the build checks and prints is in this unit.
+MB = 1_000_000
+MB_UNIT = "MB (10^6 bytes)"
 #: How members are chosen under the size budget, as the manifest records it.
 SELECTION_DOC = ("strongest by validation MCC, each fold's strongest first, kept while the upload fits "
                  "--max-mb and --max-members (greedy); fp16 first when fp32 does not fit")

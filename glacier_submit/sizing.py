@@ -11,9 +11,8 @@ import torch
 
 from glacier_runtime.predictor import Predictor
 from glacier_submit.members import cast_payload, make_payload
-from glacier_submit.selection import render_table, select_members
+from glacier_submit.selection import MB, render_table, select_members
 
-MB = 1024 * 1024
 
 
 class BudgetError(RuntimeError):

@@ -24,23 +24,44 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+_REGION_NAMES = ("khumbu", "lahaul", "karakoram", "bhutan", "tienshan")  # training/data/scenes/regions.py
+_EFFECTS = ("label_resampling", "misregistration", "label_omission", "psf", "topo_shading", "cast_shadows", "clouds",
+            "snow", "lake_variants", "weak_debris_thermal", "calibration")
+
+
 @cli.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write train/ (and unseen/) into.")
 @click.option("--tiles", default=25, show_default=True, type=click.IntRange(1, 10_000),
-    help="Number of training tiles (a scene grid cut into row_col tiles).")
+    help="Number of training tiles (one scene cut into tiles that continue each other).")
 @click.option("--size", nargs=2, type=click.IntRange(32, 8192), default=(512, 512), show_default=True,
     help="Tile height and width in pixels.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed writes the same files.")
 @click.option("--unseen-tiles", default=0, show_default=True, type=click.IntRange(0, 10_000),
-    help="Also write an 'unseen region' split (shifted illumination, elevation, class mix) to OUT/unseen with "
-         "test-style names img001.tif.")
+    help="Also write OUT/unseen: tiles of another region (--unseen-region), as a hidden test region is.")
+@click.option("--layout", type=click.Choice(["phase2", "grid"]), default="phase2", show_default=True,
+    help="phase2: Band1..Band5/img001.tif and labels/img001.tif (one name in every folder, tiles numbered in a "
+         "shuffled order); grid: the binary phase's per-folder names ending in the grid id (B2_B2_masked_02_07.tif).")
+@click.option("--region", type=click.Choice(_REGION_NAMES), default="khumbu", show_default=True,
+    help="The region of the training tiles.")
+@click.option("--unseen-region", type=click.Choice(_REGION_NAMES), default="bhutan", show_default=True,
+    help="The region of OUT/unseen.")
+@click.option("--regions", "regions", multiple=True, type=click.Choice(_REGION_NAMES + ("all",)),
+    help="Also write OUT/regions/NAME (--tiles tiles of each; 'all' for the five), for leave-one-region-out runs.")
+@click.option("--without", "without", multiple=True, type=click.Choice(_EFFECTS),
+    help="Switch a physical effect off (repeatable): the generator ablation of benchmarks/generator_ablation.py.")
 @click.option("--force", is_flag=True, help="Write even into a folder holding files synth did not write (they may be overwritten).")
-def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: int, force: bool) -> None:
-    """Write the synthetic benchmark in the exact competition layout."""
-    from training.data.synth import ForeignFilesError, generate_dataset
+def synth(out: str, tiles: int, size: Tuple[int, int], seed: int, unseen_tiles: int, layout: str, region: str,
+          unseen_region: str, regions: Tuple[str, ...], without: Tuple[str, ...], force: bool) -> None:
+    """Write the synthetic benchmark in the competition's layout (Phase 2 by default)."""
+    from training.data.synth import ALL_ON, REGIONS, ForeignFilesError, generate_dataset
 
+    effects = ALL_ON
+    for name in without:
+        effects = effects.off(name)
+    names = sorted(REGIONS) if "all" in regions else list(dict.fromkeys(regions))
     try:
-        res = generate_dataset(out, tiles, tuple(size), seed, unseen_tiles, force=force)
+        res = generate_dataset(out, tiles, tuple(size), seed, unseen_tiles, force=force, layout=layout, region=region,
+                               unseen_region=unseen_region, regions=names, effects=effects)
     except ForeignFilesError as exc:
         raise click.ClickException(str(exc)) from exc
     for split, ids in res.items():
@@ -98,23 +119,38 @@ def inspect(data: str, label_mode: str, json_out: Optional[str]) -> None:
 @click.option("--k", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of folds.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for tie-breaking; same seed, same folds.")
 @click.option("--block", default=2, show_default=True, type=click.IntRange(1, 1000),
-    help="Spatial block size in grid cells: tiles in one block x block cell share a fold.")
+    help="Spatial block size in tiles: tiles in one block x block cell of the scene share a fold.")
+@click.option("--grouping", type=click.Choice(["auto", "grid", "georeferencing", "file", "edges", "none"]),
+    default="auto", show_default=True,
+    help="How neighbours are found: auto = grid ids in the names, else the files' georeferencing, else --groups, "
+         "else the mosaic rebuilt from edge continuity.")
+@click.option("--groups", "groups_file", type=click.Path(exists=True, dir_okay=False),
+    help="A file giving each tile its group (JSON {tile: group} or CSV tile,group): tiles of one group share a fold.")
 @click.option("--out", default="folds.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write the folds.")
 @LABEL_MODE
-def folds(data: str, k: int, seed: int, block: int, out: str, label_mode: str) -> None:
+def folds(data: str, k: int, seed: int, block: int, grouping: str, groups_file: Optional[str], out: str,
+          label_mode: str) -> None:
     """Write k folds over tiles, stratified on rare classes and grouped spatially."""
     from training.folds import data_provenance, dataset_files, make_folds, save_folds
+    from training.grouping import group_tiles
 
     ds = _open(data, label_mode)
     counts = {key: ds.class_pixels(key).tolist() for key in ds.keys}
     try:
-        result = make_folds(counts, k=k, seed=seed, block=block, class_names=ds.class_names)
+        g = group_tiles(ds, block, grouping, groups_file)
+        result = make_folds(counts, k=k, seed=seed, block=block, class_names=ds.class_names, groups=g.groups)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    result["grouping"] = {"method": g.method, "detail": g.detail}
     result["data"] = os.path.abspath(data)
     result["provenance"] = data_provenance(dataset_files(ds))  # evaluate --folds checks it is the same data
     save_folds(result, out)
     names = ds.class_names
+    click.echo(f"grouping: {g.detail}")
+    if g.alone and len(ds.keys) > 1:
+        click.echo("warning: no tile has a known neighbour, so every tile is its own group: neighbouring tiles can "
+                   "sit on both sides of a fold and CV flatters. Give --groups FILE, or check that the tiles were cut "
+                   "from one scene.", err=True)
     click.echo(f"{'fold':>4}  {'tiles':>5}  " + "  ".join(f"{n:>12}" for n in names))
     for f in result["folds"]:
         click.echo(f"{f['fold']:>4}  {len(f['val']):>5}  " + "  ".join(f"{v:>12d}" for v in f["val_class_pixels"]))

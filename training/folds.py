@@ -74,12 +74,14 @@ def make_folds(
     seed: int = 0,
     block: int = 2,
     class_names: Optional[Sequence[str]] = None,
+    groups: Optional[Mapping[str, str]] = None,
 ) -> Dict:
-    """Build the folds.json structure from per-tile class pixel counts."""
+    """Build the folds.json structure from per-tile class pixel counts; ``groups`` (tile ->
+    group, training/grouping.py) replaces the grouping by grid ids in the names."""
     keys = sorted(class_pixels)
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
-    groups = spatial_groups(keys, block)
+    groups = dict(groups) if groups is not None else spatial_groups(keys, block)
     counts = np.array([class_pixels[key] for key in keys], dtype=np.float64)
     gids, gcount, gtiles = _group_counts(keys, counts, groups)
     if len(gids) < k:

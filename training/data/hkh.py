@@ -156,19 +156,22 @@ class HKHSource:
 def write_fake_hkh(out: str, n_train: int = 16, n_val: int = 4, size: int = 128, seed: int = 0,
                    prefix: str = "slice_0_") -> Dict[str, int]:
     """The synthetic terrain rendered in HKH's 15 channels and patch layout (tests, demo)."""
-    from training.data.synth import Region, generate_scene
+    from training.data.scenes import REGIONS, generate_scene
+    from training.data.scenes.render import to_reflectance
 
-    region = Region(sun_azimuth=120.0, sun_elevation=50.0, elevation_offset=-200.0, gain=1.05)
+    region = REGIONS["lahaul"]  # another range than the competition's tiles, as HKH is
     counts = {}
     for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1)):
         if n <= 0:
             continue
         cols = int(np.ceil(np.sqrt(n)))
         rows = int(np.ceil(n / cols))
-        bands, labels, extra = generate_scene(rows, cols, (size, size), seed + 500 + s, region, return_extras=True)
+        dn, labels, extra = generate_scene(rows, cols, (size, size), seed + 500 + s, region, return_extras=True)
         d = os.path.join(out, split)
         os.makedirs(d, exist_ok=True)
-        blue, green, red, swir1, tir = bands
+        phys = to_reflectance(dn)  # HKH stores reflectance and brightness temperature, not DNs
+        blue, green, red, swir1 = phys["reflectance"]
+        tir = phys["temperature"] * (dn[4] > 0)
         nir = extra["nir"]
         swir2 = 0.8 * swir1
         eps = 1e-6
