@@ -11,7 +11,6 @@ are bootstrap intervals over tiles (90 %).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import write_result  # noqa: E402
-from _region_tools import ROOT, bootstrap, cv_oof, run, tool  # noqa: E402
+from _common import write_result
+from _region_tools import ROOT, bootstrap, cv_oof, run, tool
 
 EFFECTS = ("label_resampling", "misregistration", "label_omission", "psf", "topo_shading", "cast_shadows", "clouds",
            "snow", "lake_variants", "weak_debris_thermal", "calibration")

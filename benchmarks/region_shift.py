@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import write_result  # noqa: E402
-from _region_tools import ROOT, bootstrap, cv_oof, pixel_baseline, pool, region_groups, run, table, tile_scores, tool  # noqa: E402
+from _common import write_result
+from _region_tools import ROOT, bootstrap, cv_oof, pixel_baseline, pool, region_groups, run, table, tile_scores, tool
 
 REGIONS = ("khumbu", "lahaul", "karakoram", "bhutan", "tienshan")
 

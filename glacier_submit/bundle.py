@@ -340,11 +340,14 @@ def make_manifest(o: BuildOptions, p: BuildPlan, files: Dict[str, Dict[str, Any]
         tool_version=__version__, built=time.strftime("%Y-%m-%d %H:%M:%S"),
         members=[MemberRecord(e["name"], e["meta"]["fold"], e["meta"]["seed"], e["spec"]["arch"], e["spec"]["encoder"],
                               e["meta"]["val_mcc"], e["weight"], e["meta"]["train_tiles"], e["meta"]["val_tiles"],
-                              e["meta"]["sha"], e["meta"]["source"]) for e in p.entries],
+                              e["meta"]["sha"], e["meta"]["source"], _fingerprints(e, e["meta"]["train_tiles"]))
+                 for e in p.entries],
         selection=Selection(SELECTION_DOC, o.max_members, p.table, sorted({r["fold"] for r in p.table}),
                             folds_missing(p.table)),
         tta=[v.name for v in resolve_views(inf.tta)], scales=inf.scales, merge=p.merge,
-        weights=[e["weight"] for e in p.entries], bias=p.bias, tuned_on_tiles=p.tuned_on, postprocess=p.rules,
+        weights=[e["weight"] for e in p.entries], bias=p.bias, tuned_on_tiles=p.tuned_on,
+        tuned_on_sha256={s: sorted({h for e in p.entries for h in _fingerprints(e, keys)}) for s, keys in p.tuned_on.items()},
+        postprocess=p.rules,
         postprocess_preset=p.postprocess_preset, crf=inf.crf,
         tuning=p.tuning.manifest() if p.tuning is not None else None,
         normalisation={e["name"]: e["stats"] for e in p.entries},
@@ -357,6 +360,12 @@ def make_manifest(o: BuildOptions, p: BuildPlan, files: Dict[str, Dict[str, Any]
                       round(t["load_s"], 3), round(t["tile_s"], 3), t["views"], o.test_tiles,
                       round(t["load_s"] + o.test_tiles * t["tile_s"], 1)),
         files=files, notes=p.notes)
+
+
+def _fingerprints(entry: Dict[str, Any], keys) -> List[str]:
+    """Content fingerprints of ``keys`` as the member recorded them (empty for older members)."""
+    known = entry["meta"].get("tile_sha256") or {}
+    return sorted(known[k] for k in keys if k in known)
 
 
 #: The build, in order.

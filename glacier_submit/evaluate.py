@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,18 +34,29 @@ def load_manifest(bundle: str) -> Manifest:
         raise EvaluateError(str(exc)) from None
 
 
-def leakage(manifest: Manifest, tiles: Sequence[str]) -> Dict[str, List[str]]:
+def leakage(manifest: Manifest, tiles: Sequence[str], fingerprints: Optional[Mapping[str, str]] = None
+            ) -> Dict[str, List[str]]:
     """Member name (or ``tuned <setting>``) -> evaluated tiles it trained on or was tuned on.
 
-    Tuned settings come from the manifest's ``tuned_on_tiles`` ({setting: [tile ids]}, e.g.
-    the bias tuned on out-of-fold predictions)."""
+    Tiles are recognised by their content fingerprint (``fingerprints``: evaluated tile ->
+    sha256 of its decoded bands) where the manifest records fingerprints: Phase-2 training and
+    test tiles share names (``img001`` ...), so a name alone proves nothing. Older manifests
+    without fingerprints are checked by name."""
     out = {}
+    hashes = dict(fingerprints or {})
+
+    def hits(names, shas):
+        if shas and hashes:
+            seen = set(shas)
+            return sorted(k for k in tiles if hashes.get(k) in seen)
+        return sorted(set(tiles) & set(names or []))
+
     for m in manifest.members:
-        hit = sorted(set(tiles) & set(m.train_tiles or []))
+        hit = hits(m.train_tiles, m.train_sha256)
         if hit:
             out[m.name] = hit
     for setting, seen in sorted(manifest.tuned_on_tiles.items()):
-        hit = sorted(set(tiles) & set(seen or []))
+        hit = hits(seen, manifest.tuned_on_sha256.get(setting))
         if hit:
             out[f"tuned {setting}"] = hit
     return out
@@ -214,10 +225,16 @@ def select_tiles(ds: CompetitionDataset, data: str, fold: Optional[int], folds: 
     return keys
 
 
-def guard_leakage(manifest: Manifest, keys: Sequence[str], fold: Optional[int], allow_leak: bool):
+def guard_leakage(manifest: Manifest, keys: Sequence[str], fold: Optional[int], allow_leak: bool,
+                  ds: Optional[CompetitionDataset] = None):
     """(leaks, stamped): refuses (``LeakError``) members trained on, or settings tuned on, the
-    evaluated tiles unless ``allow_leak`` (the report is then stamped LEAKY)."""
-    leaks = leakage(manifest, keys)
+    evaluated tiles unless ``allow_leak`` (the report is then stamped LEAKY). Tiles are known by
+    content (``ds`` decodes them) where the manifest records fingerprints."""
+    from training.data.competition import tile_sha256
+
+    has_sha = any(m.train_sha256 for m in manifest.members) or any(manifest.tuned_on_sha256.values())
+    fingerprints = {k: tile_sha256(ds.image(k)) for k in keys} if (ds is not None and has_sha) else None
+    leaks = leakage(manifest, keys, fingerprints)
     if not leaks:
         return leaks, False
     if allow_leak:
@@ -287,7 +304,7 @@ def evaluate(bundle: str, data: str, out: str, fold: Optional[int] = None, folds
     ds = CompetitionDataset(data, label_mode=label_mode, require_labels=False)
     keys = select_tiles(ds, data, fold, folds, tiles, notes)
     notes += untracked_tuning(manifest)
-    leaks, stamped = guard_leakage(manifest, keys, fold, allow_leak)
+    leaks, stamped = guard_leakage(manifest, keys, fold, allow_leak, ds)
     run = run_staged(bundle, ds, keys, out, convention, timeout, python, device)
     report: Dict[str, Any] = {
         "bundle": os.path.abspath(bundle), "data": os.path.abspath(data), "tiles": keys, "convention": convention,

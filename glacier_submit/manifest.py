@@ -42,6 +42,7 @@ class MemberRecord:
     val_tiles: List[str] = field(default_factory=list)
     sha: Optional[str] = None
     source: Optional[str] = None
+    train_sha256: List[str] = field(default_factory=list)  # content fingerprints of train_tiles
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Manifest:
     weights: List[float] = field(default_factory=list)
     bias: BiasInfo = field(default_factory=BiasInfo)
     tuned_on_tiles: Dict[str, List[str]] = field(default_factory=dict)  # setting -> tiles it was fitted on
+    tuned_on_sha256: Dict[str, List[str]] = field(default_factory=dict)  # the same tiles by content
     postprocess: List[Dict[str, Any]] = field(default_factory=list)
     postprocess_preset: Optional[str] = None
     crf: Optional[Dict[str, Any]] = None
@@ -138,7 +140,7 @@ class Manifest:
         m.runtime = _from(Runtime, d.get("runtime"))
         m.budget = _from(Budget, d.get("budget"))
         m.timing = _from(Timing, d.get("timing"))
-        for k in ("tuned_on_tiles", "files", "normalisation", "class_map"):
+        for k in ("tuned_on_tiles", "tuned_on_sha256", "files", "normalisation", "class_map"):
             setattr(m, k, dict(d.get(k) or {}))
         m.notes = list(d.get("notes") or [])
         return m

@@ -63,6 +63,7 @@ def load_members(paths: Sequence[str], notes: Optional[List[str]] = None) -> Lis
             "meta": {
                 "fold": ck["fold"], "seed": ck["seed"], "val_mcc": ck.get("val_mcc"),
                 "train_tiles": list(ck["train_tiles"]), "val_tiles": list(ck.get("val_tiles", [])),
+                "tile_sha256": dict(ck.get("tile_sha256") or {}),
                 "bands": list(ck["bands"]), "class_map": ck["class_map"], "source": os.path.abspath(p),
                 "code_version": ck.get("code_version"), "sha": state_sha(ck["state_dict"]),
             },

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import Server, make_member, write_geotiff
+from tests.helpers import Server, fingerprints, make_member, write_geotiff
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def messy_test_data(tmp_path_factory):
     from training.data.synth import write_split, UNSEEN_REGION
 
     root = tmp_path_factory.mktemp("testset")
-    write_split(str(root), 3, (64, 64), seed=9, region=UNSEEN_REGION, naming="test")
+    write_split(str(root), 3, (64, 64), seed=9, region=UNSEEN_REGION, layout="phase2")
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -107,7 +107,8 @@ def setup(synth_data, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("trust_ev")
     keys = CompetitionDataset(os.path.join(synth_data, "train")).keys
-    w = make_member(str(d / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:])
+    w = make_member(str(d / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:],
+                    tile_sha256=fingerprints(os.path.join(synth_data, "train")))
     bundle = str(d / "bundle")
     build([w], bundle)
     return bundle, synth_data, keys, str(d)
@@ -125,13 +126,14 @@ def oof_members(synth_data, tmp_path_factory):
     w = tmp_path_factory.mktemp("tune_weights")
     rng = np.random.default_rng(0)
     paths = []
+    sha = fingerprints(os.path.join(synth_data, "train"))
     os.makedirs(w / "oof" / "labels", exist_ok=True)
     for f, val in folds.items():
         train = [k for k in keys if k not in val]
         for s in range(2):
             name = f"fold{f}_seed{s}"
             paths.append(make_member(str(w / f"{name}.pt"), seed=10 * f + s, fold=f, train_tiles=train,
-                                     val_tiles=val, val_mcc=0.6 + 0.01 * s))
+                                     val_tiles=val, val_mcc=0.6 + 0.01 * s, tile_sha256=sha))
             os.makedirs(w / "oof" / name)
             for k in val:
                 y = ds.label(k)

@@ -31,7 +31,7 @@ QUICK = os.path.join(ROOT, "configs", "quickstart.yaml")
 PY39 = os.environ.get("GLACIER_PY39", os.path.join(ROOT, ".venv39", "bin", "python"))
 #: check-tile size for builds whose timing on a 512x512 tile is not what they test
 SMALL = (64, 64)
-MB = 2 ** 20
+MB = 1_000_000  # the build counts MB of 10^6 bytes (glacier_submit/selection.py)
 BANDS = ("Band1", "Band2", "Band3", "Band4", "Band5")
 
 
@@ -72,8 +72,9 @@ def make_tile(root: str, tid: str, h: int = 40, w: int = 44, dtype=np.float32, s
 
 
 def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "00_01"), val_tiles=("01_00",),
-                classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5) -> str:
-    """A tiny member checkpoint in the training format, with random weights (no training)."""
+                classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5, tile_sha256=None) -> str:
+    """A tiny member checkpoint in the training format, with random weights (no training).
+    ``tile_sha256`` (tile -> content fingerprint, see `fingerprints`) is recorded as training does."""
     from glacier_runtime.classes import class_map
     from glacier_runtime.models import build_model
     from training.engine.checkpoint import FORMAT, save_atomic
@@ -92,8 +93,18 @@ def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "
     save_atomic({"format": FORMAT, "spec": spec, "state_dict": model.state_dict(), "sensor": "L8",
                  "bands": ["B2", "B3", "B4", "B6", "B10"], "stats": stats, "class_map": class_map(classes == 2),
                  "fold": fold, "seed": seed, "train_tiles": list(train_tiles), "val_tiles": list(val_tiles),
-                 "history": [], "val_mcc": val_mcc, "best_epoch": 0, "config": {}, "code_version": "test"}, path)
+                 "history": [], "val_mcc": val_mcc, "best_epoch": 0, "config": {}, "code_version": "test",
+                 "tile_sha256": dict(tile_sha256 or {})}, path)
     return path
+
+
+def fingerprints(root: str, keys=None) -> dict:
+    """tile -> content fingerprint of the tiles under ``root`` (all, or ``keys``), as a trained
+    member records them: Phase-2 tiles share names across splits, so the leakage guard needs these."""
+    from training.data.competition import CompetitionDataset, tile_sha256
+
+    ds = CompetitionDataset(root)
+    return {k: tile_sha256(ds.image(k)) for k in (ds.keys if keys is None else keys)}
 
 
 def member_mb(path: str) -> float:
@@ -128,7 +139,8 @@ def write_test_folder(root: str, n: int = 3, size=(40, 44)) -> str:
 
 def copy_tiles_as(src_root: str, dst_root: str, renames):
     """Copy tiles of ``src_root`` (every band folder and the labels) under new file names."""
-    for band in ("Band1", "Band2", "Band3", "Band4", "Band5", "label"):
+    labels = [d for d in ("label", "labels") if os.path.isdir(os.path.join(src_root, d))]
+    for band in ("Band1", "Band2", "Band3", "Band4", "Band5", *labels):
         os.makedirs(os.path.join(dst_root, band), exist_ok=True)
         for old, new in renames:
             shutil.copy(os.path.join(src_root, band, old), os.path.join(dst_root, band, new))

@@ -24,10 +24,13 @@ class Grouping:
     groups: Dict[str, str]        # tile key -> group id
     method: str
     detail: str                   # in words, for the command's output and folds.json
+    neighbours: int = 0           # neighbour pairs known (0: nothing says which tiles touched)
 
     @property
     def alone(self) -> bool:
-        return len(set(self.groups.values())) == len(self.groups)
+        """No tile is known to touch another and no two share a group: folds cannot keep
+        neighbours together (1x1 blocks of known positions are the user's choice, not this)."""
+        return not self.neighbours and len(set(self.groups.values())) == len(self.groups)
 
 
 def blocks(grid: Mapping[str, Tuple[int, int]], keys, block: int) -> Dict[str, str]:
@@ -76,7 +79,7 @@ def georeferencing(ds) -> Dict[str, Optional[tuple]]:
 def group_tiles(ds, block: int, method: str = "auto", groups_file: Optional[str] = None) -> Grouping:
     """The tiles' groups by ``method`` (see the module docstring for ``auto``)."""
     from training.folds import grid_position
-    from training.mosaic import from_edges, from_georeferencing
+    from training.mosaic import from_edges, from_georeferencing, pair_set
 
     if method not in METHODS:
         raise ValueError(f"--grouping must be one of {METHODS}, got {method!r}")
@@ -85,17 +88,19 @@ def group_tiles(ds, block: int, method: str = "auto", groups_file: Optional[str]
         if not groups_file:
             raise ValueError("--grouping file needs --groups FILE")
         g = read_groups_file(groups_file, keys)
-        return Grouping(g, "file", f"groups from {os.path.basename(groups_file)}: {len(set(g.values()))} groups")
+        return Grouping(g, "file", f"groups from {os.path.basename(groups_file)}: {len(set(g.values()))} groups",
+                        len(keys) - len(set(g.values())))
     grid = {k: grid_position(k) for k in keys}
     if method in ("auto", "grid") and all(grid.values()):
-        return Grouping(blocks(grid, keys, block), "grid", f"grid ids in the file names, {block}x{block} blocks")
+        return Grouping(blocks(grid, keys, block), "grid", f"grid ids in the file names, {block}x{block} blocks",
+                        len(pair_set(grid)))
     if method == "grid":
         raise ValueError("--grouping grid: the tile names carry no grid id (row_col); use edges or --groups")
     if method in ("auto", "georeferencing"):
         lay = from_georeferencing(georeferencing(ds))
         if lay is not None:
             return Grouping(blocks(lay.grid(), keys, block), "georeferencing",
-                            f"the files' georeferencing, {block}x{block} blocks")
+                            f"the files' georeferencing, {block}x{block} blocks", len(pair_set(lay.grid())))
         if method == "georeferencing":
             raise ValueError("--grouping georeferencing: not every tile's Band1 file has a CRS and transform")
     if method in ("auto", "edges"):
@@ -103,5 +108,5 @@ def group_tiles(ds, block: int, method: str = "auto", groups_file: Optional[str]
         mosaics = len({p[0] for p in lay.positions.values()})
         return Grouping(blocks(lay.grid(), keys, block), "edges",
                         f"the mosaic rebuilt from edge continuity: {len(lay.pairs)} neighbour pairs, {mosaics} "
-                        f"mosaic(s) of {len(keys)} tiles, {block}x{block} blocks")
+                        f"mosaic(s) of {len(keys)} tiles, {block}x{block} blocks", len(pair_set(lay.grid())))
     return Grouping({k: f"t{k}" for k in keys}, "none", "none: every tile its own group")

@@ -8,7 +8,8 @@ ordered pair of tiles is scored on both ways of touching (A left of B, A above B
 ratio of the mean absolute step across the seam to the steps just inside each tile;
 pairs that are each other's best match below a threshold are kept, and the kept pairs
 are laid out on a grid from any tile outward (breadth first). Connected tiles get grid
-positions ``(row, col)`` within their mosaic; a tile that touches nothing stays alone.
+positions ``(row, col)`` within their mosaic, counted from its top-left corner; a tile that
+touches nothing stays alone.
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-#: a seam this much less alike than adjacent lines inside the tiles is no seam (true seams: 0.4-4 on the synthetic scenes, other pairs 20 and more)
+#: a seam this much less alike than adjacent lines inside the tiles is no seam
+#: (true seams: 0.4-4 on the synthetic scenes, other pairs 20 and more)
 MAX_RATIO = 6.0
+#: adjacent lines inside a tile must be at least this alike (decorrelation at most this) for
+#: its edge to be evidence: flat or pure-noise edges continue anything
+MAX_INNER = 0.5
 Pair = Tuple[str, str, str]  # (a, b, "right" | "below"): b lies right of / below a
 
 
@@ -48,7 +53,8 @@ def _standardise(images: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 def _decorrelation(a: np.ndarray, b: np.ndarray) -> float:
     """1 - the mean over bands of the correlation of two (C, N) edge profiles (pixels valid
-    in both): the profiles' shape, whatever each tile's calibration gain and offset."""
+    in both): the profiles' shape, whatever each tile's calibration gain and offset. Bands
+    flat along either profile say nothing and are left out; inf when none is left."""
     ok = np.isfinite(a).all(0) & np.isfinite(b).all(0)
     if ok.sum() < 16:
         return np.inf
@@ -56,8 +62,10 @@ def _decorrelation(a: np.ndarray, b: np.ndarray) -> float:
     a = a - a.mean(1, keepdims=True)
     b = b - b.mean(1, keepdims=True)
     den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    corr = np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), 0.0)
-    return float(1.0 - corr.mean())
+    live = den > 1e-6 * max(float(den.max()), 1e-30)
+    if not live.any():
+        return np.inf
+    return float(1.0 - ((a * b).sum(1)[live] / den[live]).mean())
 
 
 def _ratio(a: np.ndarray, b: np.ndarray, way: str) -> float:
@@ -73,6 +81,8 @@ def _ratio(a: np.ndarray, b: np.ndarray, way: str) -> float:
             return np.inf
         seam = _decorrelation(a[:, -1], b[:, 0])
         inner = 0.5 * (_decorrelation(a[:, -2], a[:, -1]) + _decorrelation(b[:, 0], b[:, 1]))
+    if not inner <= MAX_INNER:  # also NaN and inf: no texture that continues, no evidence
+        return np.inf
     return seam / max(inner, 1e-4)
 
 
@@ -106,7 +116,7 @@ def layout(keys: Sequence[str], pairs: Sequence[Pair]) -> Layout:
     pos: Dict[str, Tuple[int, int, int]] = {}
     used: List[Pair] = []
     taken = set()
-    for m, start in enumerate(k for k in sorted(keys)):
+    for start in sorted(keys):
         if start in pos:
             continue
         mosaic = len({p[0] for p in pos.values()})
@@ -122,12 +132,23 @@ def layout(keys: Sequence[str], pairs: Sequence[Pair]) -> Layout:
                     pos[b] = want
                     taken.add(want)
                     todo.append(b)
+    pos = _from_the_corner(pos)
     for a, b, way in pairs:
         dy, dx = (0, 1) if way == "right" else (1, 0)
         pa, pb = pos[a], pos[b]
         if pa[0] == pb[0] and (pb[1] - pa[1], pb[2] - pa[2]) == (dy, dx):
             used.append((a, b, way))
     return Layout(pos, used)
+
+
+def _from_the_corner(pos: Dict[str, Tuple[int, int, int]]) -> Dict[str, Tuple[int, int, int]]:
+    """Each mosaic shifted so that its top row and left column are 0, as in the scene (blocks
+    of positions then fall where they would on the scene's own grid)."""
+    r0: Dict[int, int] = {}
+    c0: Dict[int, int] = {}
+    for m, r, c in pos.values():
+        r0[m], c0[m] = min(r0.get(m, r), r), min(c0.get(m, c), c)
+    return {k: (m, r - r0[m], c - c0[m]) for k, (m, r, c) in pos.items()}
 
 
 def from_edges(images: Mapping[str, np.ndarray], max_ratio: float = MAX_RATIO) -> Layout:

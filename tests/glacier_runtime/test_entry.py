@@ -109,3 +109,19 @@ def test_single_file_prefers_its_embedded_weights(tiny_members, messy_test_data,
     ref = predict_folder(ref_pred, messy_test_data, None, progress=False)
     assert sorted(res.masks) == sorted(ref)
     assert all(np.array_equal(res.masks[k], ref[k]) for k in ref)
+
+
+def test_model_path_and_unknown_arguments(real_bundle, synth_data, tmp_path):
+    """One team's harness runs `solution.py --imagepath DIR --model_path FILE`; unknown
+    arguments are reported and ignored, never fatal."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "masks"
+    sol = os.path.join(real_bundle, "solution.py")
+    cmd = [sys.executable, sol, "--imagepath", os.path.join(synth_data, "unseen"), "--output", str(out),
+           "--model_path", os.path.join(real_bundle, "model.pth"), "--team", "x", "--verbose"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ignoring arguments this solution.py does not know: --team x --verbose" in r.stderr
+    assert sorted(os.listdir(out)) == sorted(os.listdir(os.path.join(synth_data, "unseen", "Band1")))

@@ -16,7 +16,7 @@ from glacier_submit.evaluate import EvaluateError, LeakError, evaluate
 from training.data.competition import CompetitionDataset
 from training.metrics import ConfusionAccumulator
 
-from tests.helpers import ROOT, copy_tiles_as, fake_bundle, make_member
+from tests.helpers import ROOT, copy_tiles_as, fake_bundle, fingerprints, make_member
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def eval_setup(synth_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("ev")
     train = CompetitionDataset(os.path.join(synth_data, "train"))
     keys = train.keys
-    w = make_member(str(d / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:])
+    w = make_member(str(d / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:],
+                    tile_sha256=fingerprints(os.path.join(synth_data, "train")))
     bundle = str(d / "bundle")
     build([w], bundle, tta="flips", postprocess="light")
     return bundle, synth_data, keys
@@ -115,7 +116,7 @@ def test_predict_only_without_labels(eval_setup, tmp_path):
     bundle, data, _ = eval_setup
     nolab = tmp_path / "nolab"
     shutil.copytree(os.path.join(data, "unseen"), nolab)
-    shutil.rmtree(nolab / "label")
+    shutil.rmtree(nolab / "labels")
     r = evaluate(bundle, str(nolab), str(tmp_path / "p"), figures=False)
     assert "mcc" not in r and r["mask_count"] == 4 and r["note"].startswith("no labels")
 
@@ -145,8 +146,8 @@ def test_prefilled_masks_with_labels_and_empty_solution_do_not_score(setup, tmp_
     unseen = os.path.join(data, "unseen")
     out = tmp_path / "rep"
     (out / "_masks").mkdir(parents=True)
-    for name in os.listdir(os.path.join(unseen, "label")):  # the labels themselves, as "earlier" masks
-        shutil.copy(os.path.join(unseen, "label", name), out / "_masks" / name)
+    for name in os.listdir(os.path.join(unseen, "labels")):  # the labels themselves, as "earlier" masks
+        shutil.copy(os.path.join(unseen, "labels", name), out / "_masks" / name)
     empty = fake_bundle(tmp_path, bundle, "")
     r = evaluate(empty, unseen, str(out), figures=False)
     ds = CompetitionDataset(unseen)
@@ -168,7 +169,7 @@ def test_one_missing_tile_scored_as_background(setup, tmp_path):
     src = f'''
     import os, shutil, sys
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-    lab = os.path.join({unseen!r}, "label")
+    lab = os.path.join({unseen!r}, "labels")
     for n in sorted(os.listdir(lab)):
         if not n.startswith({skip!r}):
             shutil.copy(os.path.join(lab, n), os.path.join(args["--output"], n))
@@ -196,11 +197,38 @@ def test_tile_id_collision_is_an_error_naming_both_files(setup, tmp_path):
         predict_folder(pred, d, str(tmp_path / "o"), progress=False)
 
 
+def test_leakage_is_known_by_content_not_by_name(setup, tmp_path):
+    """Phase-2 train and test tiles share names: a training tile under a new name is still a leak,
+    an unseen tile that shares a training tile's name is not; a member without fingerprints
+    (older checkpoints) falls back to names."""
+    import dataclasses
+
+    from glacier_submit.evaluate import leakage
+    from glacier_submit.manifest import Manifest
+
+    bundle, data, keys, _ = setup
+    manifest = Manifest.load(bundle)
+    train_sha = fingerprints(os.path.join(data, "train"))
+    unseen_sha = fingerprints(os.path.join(data, "unseen"))
+    assert set(unseen_sha) & set(keys[:6]), "the fixture must reuse names across splits"
+    assert leakage(manifest, sorted(unseen_sha), unseen_sha) == {}
+    renamed = {"img900": train_sha[keys[1]], "img901": unseen_sha["img001"]}
+    assert leakage(manifest, sorted(renamed), renamed) == {"fold0_seed0": ["img900"]}
+    old = dataclasses.replace(manifest, members=[dataclasses.replace(m, train_sha256=[]) for m in manifest.members])
+    assert leakage(old, sorted(unseen_sha), unseen_sha) == {"fold0_seed0": sorted(set(unseen_sha) & set(keys[:6]))}
+
+    d = str(tmp_path / "renamed")
+    copy_tiles_as(os.path.join(data, "train"), d, [(f"{keys[1]}.tif", "img900.tif")])
+    with pytest.raises(LeakError, match="img900"):
+        evaluate(bundle, d, str(tmp_path / "rep"))
+
+
 def test_bias_tuned_on_evaluated_tiles_is_leaky(synth_data, tmp_path):
     keys = CompetitionDataset(os.path.join(synth_data, "train")).keys
     wdir = tmp_path / "w"
     wdir.mkdir()
-    w = make_member(str(wdir / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:])
+    w = make_member(str(wdir / "fold0_seed0.pt"), train_tiles=keys[:6], val_tiles=keys[6:],
+                    tile_sha256=fingerprints(os.path.join(synth_data, "train")))
     rng = np.random.default_rng(0)
     oof = list(keys[6:8])  # the OOF tiles: the member never trained on them, but the bias was tuned on them
     (wdir / "oof" / "fold0_seed0").mkdir(parents=True)
@@ -257,7 +285,7 @@ def test_folds_json_records_provenance_and_evaluate_checks_it(setup, tmp_path):
     with pytest.raises(EvaluateError, match="different file contents"):
         evaluate(bundle, train, str(tmp_path / "bad"), fold=0, folds=folds, allow_leak=True, figures=False)
     # other data (a tile removed)
-    for band in ("Band1", "Band2", "Band3", "Band4", "Band5", "label"):
+    for band in ("Band1", "Band2", "Band3", "Band4", "Band5", "labels"):
         folder = os.path.join(train, band)
         os.unlink(os.path.join(folder, sorted(os.listdir(folder))[-1]))
     with pytest.raises(EvaluateError, match="other data"):
@@ -343,7 +371,8 @@ def test_held_out_bundle_with_a_fitted_bias_is_refused_and_the_fix_named(tmp_pat
     folds_file = str(tmp_path / "folds.json")
     save_folds(folds, folds_file)
     w = tmp_path / "weights"
-    member = make_member(str(w / "fold0_seed0.pt"), train_tiles=train, val_tiles=val)
+    member = make_member(str(w / "fold0_seed0.pt"), train_tiles=train, val_tiles=val,
+                         tile_sha256=fingerprints(os.path.join(synth_data, "train")))
     rng = np.random.default_rng(0)
     for key in val:  # OOF that under-predicts the rare classes: --bias auto moves them
         lab = ds.label(key)

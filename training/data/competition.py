@@ -28,6 +28,15 @@ LABEL_FOLDERS = ("label", "labels", "mask", "masks")
 LABEL_MODES = ("multiclass", "binary")
 
 
+def tile_sha256(image: np.ndarray) -> str:
+    """The content fingerprint of a decoded tile (its float32 bands): the leakage guard's way to
+    know a tile again whatever its name, since Phase-2 training and test tiles are both named
+    ``img001.tif ...``."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
+
+
 class DataError(ValueError):
     """The dataset violates the competition layout; the message says how to fix it."""
 
@@ -159,7 +168,8 @@ class CompetitionDataset:
             self.problems.extend(found)
         elif require_labels:
             raise DataError(
-                f"{self.root} has no label/ folder; training needs masks in label/ "
+                f"{self.root} has no label folder; training needs masks in one of "
+                f"{', '.join(f + '/' for f in LABEL_FOLDERS)} beside the band folders "
                 "(or pass require_labels=False for prediction-only data)"
             )
         self.has_labels = label_dir is not None

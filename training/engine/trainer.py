@@ -503,8 +503,19 @@ class Trainer:
             "stats": self.stats, "class_map": class_map(cfg.data.label_mode == "binary"), "fold": self.fold,
             "seed": self.seed, "train_tiles": list(self.train_keys), "val_tiles": list(self.val_keys),
             "config": cfg.model_dump(), "code_version": code_version(),
-            "class_shares_train": self.shares.tolist(), **self.extra_meta,
+            "class_shares_train": self.shares.tolist(), "tile_sha256": self.tile_fingerprints(), **self.extra_meta,
         }
+
+    def tile_fingerprints(self) -> Dict[str, str]:
+        """Content fingerprints of the member's training and validation tiles (members only:
+        a streamed pre-training set is not fingerprinted)."""
+        if self.kind != "member" or getattr(self.dataset, "lazy", False):
+            return {}
+        from training.data.competition import tile_sha256
+
+        if not hasattr(self, "_fingerprints"):
+            self._fingerprints = {k: tile_sha256(self.dataset.image(k)) for k in self.train_keys + self.val_keys}
+        return self._fingerprints
 
     def checkpoint(self, epoch: int, row: Dict[str, Any], improved: bool) -> None:
         """Rank 0: ``best.pt`` when improved, always ``last.pt`` (everything a resume

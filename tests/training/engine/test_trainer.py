@@ -154,8 +154,9 @@ def test_checkpoint_kind_is_checked():
         Trainer(load_config(QUICK), _Classes(), [], [], 0, 0, "x.pt", "w", kind="hkh")
 
 
-TRAIN = ["00_01", "00_02", "02_01", "02_02", "00_00", "02_00"]
-VAL = ["01_00", "01_01"]
+# tiles of the synth_data fixture (Phase-2 names): img001-img004 hold no lake, img005 and img008 do
+TRAIN = ["img001", "img002", "img003", "img004", "img006", "img009"]
+VAL = ["img005", "img008"]
 
 
 def tiny(**over):
@@ -303,7 +304,7 @@ def test_validation_oom_falls_back_to_smaller_windows(dataset, tmp_path, oom_abo
 
 def test_class_absent_from_training_patches_triggers_the_recall_warning(dataset, tmp_path, caplog):
     # no lake pixel in these training tiles; both validation tiles hold lake
-    train = ["00_01", "00_02", "02_01", "02_02"]
+    train = ["img001", "img002", "img003", "img004"]
     with caplog.at_level(logging.WARNING, logger="glacier.train"):
         out, res = run(tiny(**{"train.epochs": 4}), dataset, tmp_path, train=train)
     warned = [r.getMessage() for r in caplog.records if "is not being learned" in r.getMessage()]
@@ -418,6 +419,6 @@ def test_loader_workers_are_split_between_ranks(synth_data, tmp_path):
 
     ds = kaggle_dataset(synth_data)
     cfg = load_config(QUICK, {**TINY, "train.num_workers": 4})
-    t = Trainer(cfg, ds, ["00_00"], [], 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "w"),
+    t = Trainer(cfg, ds, ["img001"], [], 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "w"),
                 DistContext(rank=0, world=2), progress=False)
     assert t.num_workers == split_cpus(2, 4)["loader_workers"] <= 2

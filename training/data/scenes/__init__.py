@@ -62,28 +62,30 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     """(bands float32 (5, H, W) Landsat-8 DNs, labels uint8 (H, W) class ids) of a whole
     scene of ``rows x cols`` tiles; with ``return_extras`` also {"elevation", "slope", "nir",
     "truth"} (the fake HKH channels; the truth the bands were rendered from)."""
-    rng = np.random.default_rng(seed)
+    # one random stream per part: switching an effect off changes nothing else of the scene
+    terrain_rng, ice_rng, mat_rng, refl_rng, cloud_rng, sensor_rng, label_rng, gap_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))
     shape = (rows * size[0], cols * size[1])
     px = max(size) / 512.0
-    t = make_terrain(rng, shape, px, region, cast_shadows=effects.cast_shadows)
-    ice = make_ice(rng, t, px, region, rows * cols)
+    t = make_terrain(terrain_rng, shape, px, region, cast_shadows=effects.cast_shadows)
+    ice = make_ice(ice_rng, t, px, region, rows * cols)
     truth = np.zeros(shape, np.uint8)
     truth[ice.glacier | ice.firn] = 1
     truth[ice.debris] = 2
     truth[ice.lakes] = 3
-    mat = _materials(rng, t, ice, px, region, effects)
+    mat = _materials(mat_rng, t, ice, px, region, effects)
     illum = illumination(t.shade, t.shadow, effects.topo_shading, effects.cast_shadows)
-    refl = reflectance(rng, mat, px, illum)
+    refl = reflectance(refl_rng, mat, px, illum)
     dirty_ice(refl, mat, t.elev, ice.ela)
-    temp = temperature(rng, mat, t.elev, t.shade if effects.topo_shading else np.ones_like(t.shade), px, region,
+    temp = temperature(refl_rng, mat, t.elev, t.shade if effects.topo_shading else np.ones_like(t.shade), px, region,
                        effects)
     if effects.clouds:
-        add_clouds(rng, refl, temp, px, region, size[0], rows, cols)
-    bands = sensor(rng, refl, temp, px, region, effects, rows, cols, size[0])
-    labels = make_labels(truth, rng, px, region, effects)
-    _gaps(rng, bands, labels, rows, cols, size)
+        add_clouds(cloud_rng, refl, temp, px, region, tuple(size), rows, cols)
+    bands = sensor(sensor_rng, refl, temp, px, region, effects, rows, cols, tuple(size))
+    labels = make_labels(truth, label_rng, px, region, effects)
+    _gaps(gap_rng, bands, labels, rows, cols, size)
     if not return_extras:
         return bands, labels
-    nir = np.clip(NIR[mat] * illum + rng.normal(0, 0.008, shape).astype(np.float32), 0, 1)
+    nir = np.clip(NIR[mat] * illum + sensor_rng.normal(0, 0.008, shape).astype(np.float32), 0, 1)
     return bands, labels, {"elevation": t.elev, "slope": np.degrees(t.slope).astype(np.float32),
                            "nir": nir.astype(np.float32), "truth": truth}

@@ -14,7 +14,7 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
-from training.data.scenes.terrain import COARSE, Terrain, accumulate, noise
+from training.data.scenes.terrain import Terrain, accumulate, noise
 
 
 @dataclass
@@ -40,20 +40,21 @@ def _flux(t: Terrain, region, ela: float) -> np.ndarray:
 def _ice_cells(t: Terrain, region, ela: float, flux: np.ndarray) -> np.ndarray:
     """Coarse cells that hold ice: valley cells (enough area drains through them) with ice
     flux still positive, and gentle cells above the snow line."""
-    gy, gx = np.gradient(t.coarse_elev / (30.0 * COARSE))
+    gy, gx = np.gradient(t.coarse_elev / (t.pixel_m * t.coarse))
     gentle = np.degrees(np.arctan(np.hypot(gx, gy))) < region.max_ice_slope
     valley = t.area >= region.min_basin_cells
     return (flux > 0) & (valley | ((t.coarse_elev > ela) & gentle))
 
 
-def _outline(flux: np.ndarray, cells: np.ndarray, shape: Tuple[int, int], margin: np.ndarray) -> np.ndarray:
+def _outline(flux: np.ndarray, cells: np.ndarray, shape: Tuple[int, int], margin: np.ndarray, coarse: int,
+             ) -> np.ndarray:
     """Fine-grid glacier mask: every ice cell painted as a disc whose radius grows with the
     flux through it (wide trunks, narrow tributaries), with a ragged margin."""
     h, w = shape
-    f = 2  # paint at half resolution, then upsample
+    f = min(2, coarse)  # paint at half resolution (where a cell is 2 pixels or more), then upsample
     radius = np.where(cells, np.clip(0.55 + 0.28 * np.log1p(np.maximum(flux, 0.0)), 0.55, 2.6), 0.0)
     radius = cv2.resize(radius.astype(np.float32), (w // f, h // f), interpolation=cv2.INTER_NEAREST)
-    scale = COARSE / f
+    scale = coarse / f
     paint = np.zeros(radius.shape, np.float32)
     for r in (0.55, 0.9, 1.3, 1.8, 2.3):  # radius classes in coarse cells
         core = (radius >= r).astype(np.uint8)
@@ -73,7 +74,8 @@ def _solve_ela(terrain: Terrain, region, margin: np.ndarray, steep: np.ndarray):
 
     def mask(ela):
         flux = _flux(terrain, region, ela)
-        return flux, _outline(flux, _ice_cells(terrain, region, ela, flux), terrain.elev.shape, margin) & ~steep
+        cells = _ice_cells(terrain, region, ela, flux)
+        return flux, _outline(flux, cells, terrain.elev.shape, margin, terrain.coarse) & ~steep
 
     for _ in range(12):
         mid = 0.5 * (lo + hi)
@@ -96,7 +98,7 @@ def _debris(glacier: np.ndarray, terrain: Terrain, region, ela: float, px: float
     want = min(region.debris_fraction * glacier.sum() / tongue.sum(), 0.95)  # of the tongues
     thr = np.quantile(field[tongue], 1.0 - want)
     deb = tongue & (field > thr)
-    return cv2.morphologyEx(deb.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    return _open(deb, px)
 
 
 def _termini(flux: np.ndarray, receiver: np.ndarray) -> List[int]:
@@ -105,7 +107,16 @@ def _termini(flux: np.ndarray, receiver: np.ndarray) -> List[int]:
     return [int(i) for i in np.nonzero(f > 0)[0] if f[receiver[i]] <= 0 and receiver[i] != i]
 
 
-def _place_lakes(rng, shape, px, region, flux, receiver, glacier, debris, n_tiles: int) -> np.ndarray:
+def _open(mask: np.ndarray, px: float) -> np.ndarray:
+    """Morphological opening that removes specks of under ~90 m (3 pixels at px = 1); an odd
+    kernel, since OpenCV's opening with an even one is not contained in the mask."""
+    k = max(1, int(round(3 * px))) | 1
+    if k < 3:
+        return mask
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((k, k), np.uint8)).astype(bool)
+
+
+def _place_lakes(rng, shape, px, region, flux, receiver, glacier, debris, n_tiles: int, coarse: int) -> np.ndarray:
     h, w = shape
     wc = flux.shape[1]
     lakes = np.zeros(shape, np.uint8)
@@ -113,7 +124,7 @@ def _place_lakes(rng, shape, px, region, flux, receiver, glacier, debris, n_tile
     rng.shuffle(ends)
     n_pro = rng.poisson(region.proglacial_lakes_per_tile * n_tiles)
     for i in ends[:n_pro]:  # proglacial: just beyond a terminus, dammed by its moraine
-        cy, cx = (i // wc) * COARSE + COARSE // 2, (i % wc) * COARSE + COARSE // 2
+        cy, cx = (i // wc) * coarse + coarse // 2, (i % wc) * coarse + coarse // 2
         a = max(2, int(rng.uniform(5, 14) * px))
         cv2.ellipse(lakes, (int(cx), int(cy)), (a, max(2, int(a * rng.uniform(0.5, 0.9)))),
                     float(rng.uniform(0, 180)), 0, 360, 1, -1)
@@ -130,9 +141,9 @@ def make_ice(rng: np.random.Generator, terrain: Terrain, px: float, region, n_ti
     margin = 0.2 * noise(rng, shape, 8 * px) + 0.08 * noise(rng, shape, 2 * px)
     steep = np.degrees(terrain.slope) > region.max_ice_slope + 25
     ela, flux, glacier = _solve_ela(terrain, region, margin, steep)
-    glacier = cv2.morphologyEx(glacier.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)).astype(bool)
+    glacier = _open(glacier, px)
     debris = _debris(glacier, terrain, region, ela, px, rng)
-    lakes = _place_lakes(rng, shape, px, region, flux, terrain.receiver, glacier, debris, n_tiles)
+    lakes = _place_lakes(rng, shape, px, region, flux, terrain.receiver, glacier, debris, n_tiles, terrain.coarse)
     n, comp = cv2.connectedComponents(lakes.astype(np.uint8))
     kind = rng.random(n)
     frozen = lakes & (kind[comp] < region.frozen_lake_share)

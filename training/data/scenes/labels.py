@@ -12,21 +12,25 @@ BACKGROUND, GLACIER, DEBRIS, LAKE = 0, 1, 2, 3
 
 def omit_small(labels: np.ndarray, px: float) -> np.ndarray:
     """Debris patches under ~30 px are drawn as the ice around them, ponds under ~12 px as
-    what surrounds them (debris, mostly)."""
+    what surrounds each of them (debris, mostly)."""
     out = labels.copy()
     for cls, min_px, into in ((DEBRIS, 30 * px * px, GLACIER), (LAKE, 12 * px * px, None)):
         n, comp, stats, _ = cv2.connectedComponentsWithStats((out == cls).astype(np.uint8), connectivity=8)
-        small = np.nonzero(stats[1:, cv2.CC_STAT_AREA] < min_px)[0] + 1
-        if not small.size:
-            continue
-        mask = np.isin(comp, small)
-        if into is None:  # the most common neighbouring class
-            ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
-            votes = np.bincount(out[ring].ravel(), minlength=4) if ring.any() else np.array([1, 0, 0, 0])
-            votes[LAKE] = 0
-            into = int(votes.argmax())
-        out[mask] = into
+        for i in np.nonzero(stats[1:, cv2.CC_STAT_AREA] < min_px)[0] + 1:
+            x, y, w, h = (int(v) for v in stats[i, :4])
+            ys, xs = slice(max(0, y - 1), y + h + 1), slice(max(0, x - 1), x + w + 1)
+            mask = comp[ys, xs] == i
+            out[ys, xs][mask] = into if into is not None else _surrounding(out[ys, xs], mask)
     return out
+
+
+def _surrounding(window: np.ndarray, mask: np.ndarray) -> int:
+    """The most common class on the one-pixel ring around ``mask`` (lakes aside; background
+    where the ring is empty)."""
+    ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
+    votes = np.bincount(window[ring].ravel(), minlength=4)
+    votes[LAKE] = 0
+    return int(votes.argmax()) if votes.any() else BACKGROUND
 
 
 def resample(labels: np.ndarray, scale: int) -> np.ndarray:
@@ -53,11 +57,11 @@ def misregister(labels: np.ndarray, rng, max_px: float) -> np.ndarray:
 
 
 def make_labels(truth: np.ndarray, rng, px: float, region, effects) -> np.ndarray:
+    """The region's label scale and misregistration are in 30 m pixels (px = 1): a smaller tile
+    of the same ground gets them in its own, bigger pixels."""
     labels = omit_small(truth, px) if effects.label_omission else truth
     if effects.label_resampling:
-        labels = resample(labels, region.label_scale)
+        labels = resample(labels, int(round(region.label_scale * px)))
     if effects.misregistration:
-        labels = misregister(labels, rng, region.misregistration_px)
-    else:
-        rng.uniform(-1, 1, 2)  # the same random stream with the effect off
+        labels = misregister(labels, rng, region.misregistration_px * px)
     return labels.astype(np.uint8)

@@ -6,12 +6,12 @@ digital numbers stored as float32 (the real files' DN-like values, band means ~2
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Tuple
 
 import cv2
 import numpy as np
 
-from training.data.scenes.terrain import noise
+from training.data.scenes.terrain import noise, pixel_m
 
 #: material ids of the material map
 ROCK, VEG, DEBRIS, ICE, FIRN, SNOW, WATER, TURBID, FROZEN = range(9)
@@ -78,14 +78,20 @@ def temperature(rng, mat: np.ndarray, elev: np.ndarray, shade: np.ndarray, px: f
     return t + (region.thermal_offset_k if effects.calibration else 0.0)
 
 
-def add_clouds(rng, refl: np.ndarray, temp: np.ndarray, px: float, region, tile: int, rows: int, cols: int) -> None:
+def _per_tile(values: np.ndarray, tile: Tuple[int, int], shape: Tuple[int, ...]) -> np.ndarray:
+    """A (rows, cols) array of per-tile values spread over the scene's pixels."""
+    return np.kron(values, np.ones(tile, values.dtype))[:shape[0], :shape[1]]
+
+
+def add_clouds(rng, refl: np.ndarray, temp: np.ndarray, px: float, region, tile: Tuple[int, int], rows: int,
+               cols: int) -> None:
     """Cloud on a share of the tiles, and its shadow cast away from the sun (in place)."""
     shape = refl.shape[1:]
     field = (0.7 * noise(rng, shape, 70 * px) + 0.3 * noise(rng, shape, 20 * px))
-    cover = np.kron(rng.random((rows, cols)) < region.cloud_tiles, np.ones((tile, tile), bool))[:shape[0], :shape[1]]
+    cover = _per_tile(rng.random((rows, cols)) < region.cloud_tiles, tile, shape)
     alpha = np.clip((field - 0.9) * 1.2, 0.0, 0.9) * cover
     el, az = math.radians(region.sun_elevation), math.radians(region.sun_azimuth)
-    reach = 2500.0 / 30.0 / math.tan(el)  # a cloud ~2.5 km above the ground
+    reach = 2500.0 / pixel_m(px) / math.tan(el)  # a cloud ~2.5 km above the ground, in pixels
     dy, dx = int(round(math.cos(az) * reach)), int(round(-math.sin(az) * reach))  # away from the sun
     shade = np.roll(np.roll(alpha, dy, axis=0), dx, axis=1)
     refl *= (1.0 - 0.75 * shade)[None]
@@ -94,11 +100,11 @@ def add_clouds(rng, refl: np.ndarray, temp: np.ndarray, px: float, region, tile:
 
 
 def sensor(rng, refl: np.ndarray, temp: np.ndarray, px: float, region, effects, rows: int, cols: int,
-           tile: int) -> np.ndarray:
+           tile: Tuple[int, int]) -> np.ndarray:
     """Haze, calibration (per region, and a little per tile), PSF, noise -> (5, H, W) float32 DNs."""
     if effects.calibration:
         refl = refl * region.gain + region.offset + region.haze * HAZE_SHAPE[:, None, None]
-        jitter = np.kron(rng.uniform(0.95, 1.05, (rows, cols)), np.ones((tile, tile)))[:refl.shape[1], :refl.shape[2]]
+        jitter = _per_tile(rng.uniform(0.95, 1.05, (rows, cols)), tile, refl.shape[1:])
         refl = refl * jitter[None].astype(np.float32)
     if effects.psf:
         refl = np.stack([cv2.GaussianBlur(b, (0, 0), 0.6 * px) for b in refl])

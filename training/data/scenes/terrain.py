@@ -13,8 +13,19 @@ from typing import Tuple
 import cv2
 import numpy as np
 
-PIXEL_M = 30.0   # Landsat's reflective bands
-COARSE = 8       # flow routing runs on a grid this much coarser (240 m cells)
+PIXEL_M = 30.0   # Landsat's reflective bands: the pixel of a 512-pixel tile (px = 1)
+COARSE = 8       # flow routing runs on a grid this much coarser (240 m cells) at px = 1
+
+
+def pixel_m(px: float) -> float:
+    """Ground size of one pixel: a smaller tile covers the same ground with bigger pixels, so a
+    64-pixel test tile is a 512-pixel scene seen at 240 m and not a 2 km corner of one."""
+    return PIXEL_M / px
+
+
+def coarse_factor(px: float) -> int:
+    """Fine pixels per routing cell: the routing cell stays 240 m on the ground at every tile size."""
+    return max(1, int(round(COARSE * px)))
 # D8 neighbour offsets and their distances
 _OFFS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 _DIST = np.array([math.hypot(dy, dx) for dy, dx in _OFFS], np.float32)
@@ -49,6 +60,8 @@ class Terrain:
     receiver: np.ndarray    # coarse: flat index of each cell's D8 receiver (itself at a pit or the edge)
     order: np.ndarray       # coarse: cells from highest to lowest
     area: np.ndarray        # coarse: cells draining through each cell (itself included)
+    coarse: int = COARSE    # fine pixels per coarse cell
+    pixel_m: float = PIXEL_M  # ground size of a fine pixel
 
 
 def d8_receivers(z: np.ndarray) -> np.ndarray:
@@ -88,11 +101,11 @@ def _elevation(rng, shape, px, relief: float, base: float, roughness: float) -> 
     return (base + relief * (0.5 * massif + 0.5 * ridged + detail)).astype(np.float32)
 
 
-def _carve(z: np.ndarray, carve_m: float):
+def _carve(z: np.ndarray, carve_m: float, coarse: int):
     """Valleys carved along the drainage (on the coarse grid, upsampled): broad troughs,
     deeper where more area drains through, as glaciers and rivers cut them."""
     h, w = z.shape
-    zc = cv2.resize(z, (max(2, w // COARSE), max(2, h // COARSE)), interpolation=cv2.INTER_AREA)
+    zc = cv2.resize(z, (max(2, w // coarse), max(2, h // coarse)), interpolation=cv2.INTER_AREA)
     rec = d8_receivers(zc)
     order = np.argsort(-zc.reshape(-1), kind="stable")
     area = accumulate(np.ones_like(zc), rec, order)
@@ -105,7 +118,7 @@ def _carve(z: np.ndarray, carve_m: float):
     return z.astype(np.float32), zc.astype(np.float32), rec, order, accumulate(np.ones_like(zc), rec, order)
 
 
-def _cast_shadow(z: np.ndarray, az: float, el: float, steps: int) -> np.ndarray:
+def _cast_shadow(z: np.ndarray, az: float, el: float, steps: int, pixel: float) -> np.ndarray:
     """True where a point towards the sun (within ``steps`` coarse cells) rises above the
     line of sight to it (a horizon test on a 4x coarser grid)."""
     h, w = z.shape
@@ -117,19 +130,20 @@ def _cast_shadow(z: np.ndarray, az: float, el: float, steps: int) -> np.ndarray:
     for t in range(1, steps + 1):
         sy, sx = int(round(dy * t)), int(round(dx * t))
         moved = np.roll(np.roll(zc, -sy, axis=0), -sx, axis=1)
-        shade |= moved > zc + tan_el * t * f * PIXEL_M
+        shade |= moved > zc + tan_el * t * f * pixel
     return cv2.resize(shade.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def make_terrain(rng: np.random.Generator, shape: Tuple[int, int], px: float, region, cast_shadows: bool = True,
                  ) -> Terrain:
     z = _elevation(rng, shape, px, region.relief_m, region.base_elevation_m, region.roughness)
-    z, zc, rec, order, area = _carve(z, region.carve_m)
-    gy, gx = np.gradient(z / PIXEL_M)
+    coarse, pixel = coarse_factor(px), pixel_m(px)
+    z, zc, rec, order, area = _carve(z, region.carve_m, coarse)
+    gy, gx = np.gradient(z / pixel)
     slope = np.arctan(np.hypot(gx, gy)).astype(np.float32)
     aspect = np.arctan2(-gx, gy)
     az, el = math.radians(region.sun_azimuth), math.radians(region.sun_elevation)
     cos_i = np.sin(el) * np.cos(slope) + np.cos(el) * np.sin(slope) * np.cos(az - aspect)
     shade = np.clip(cos_i / max(math.sin(el), 1e-3), 0.0, 2.5).astype(np.float32)
-    shadow = _cast_shadow(z, az, el, steps=int(60 * px) + 5) if cast_shadows else np.zeros(shape, bool)
-    return Terrain(z, slope, shade, shadow, zc, rec, order, area.astype(np.float32))
+    shadow = _cast_shadow(z, az, el, int(60 * px) + 5, pixel) if cast_shadows else np.zeros(shape, bool)
+    return Terrain(z, slope, shade, shadow, zc, rec, order, area.astype(np.float32), coarse, pixel)
