@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_result
 from _region_tools import ROOT, bootstrap, cv_oof, run, tool
 
-EFFECTS = ("label_resampling", "misregistration", "label_omission", "psf", "topo_shading", "cast_shadows", "clouds",
-           "snow", "lake_variants", "weak_debris_thermal", "calibration")
+EFFECTS = ("inventory_labels", "label_resampling", "misregistration", "label_omission", "psf", "topo_shading",
+           "cast_shadows", "clouds", "snow", "lake_variants", "weak_debris_thermal", "calibration")
 
 
 def baseline_oof(data: str, folds_path: str, seed: int = 0) -> dict:

@@ -36,3 +36,11 @@ def test_inference_command_benchmark(tmp_path):
               "--repeats", "1"], tmp_path)
     c = r["command"]
     assert c["members"] == 1 and len(c["command_per_tile_s"]) == 1 and c["ratio_median"] > 0
+
+
+def test_mosaic_grouping_script(tmp_path):
+    r = _run(["benchmarks/mosaic_grouping.py", "--regions", "khumbu", "--seeds", "0", "--rows", "2", "--cols", "2",
+              "--size", "96"], tmp_path)
+    (row,) = r["rows"]
+    assert row["region"] == "khumbu" and row["true_pairs"] == 4  # a 2x2 mosaic has 4 edges
+    assert 0 <= row["correct"] <= row["found_pairs"] and 0.0 <= row["recall"] <= 1.0

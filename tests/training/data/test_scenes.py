@@ -23,3 +23,16 @@ def test_a_radiometric_effect_changes_bands_not_labels():
     raw = generate_scene(2, 2, (96, 96), 1, REGIONS["khumbu"], effects=ALL_ON.off("misregistration"))
     _, _, extra = generate_scene(2, 2, (96, 96), 1, REGIONS["khumbu"], return_extras=True)
     assert np.array_equal(raw[0], on[0]) and set(extra) >= {"elevation", "slope", "nir", "truth"}
+
+
+def test_inventory_labels_change_labels_not_bands():
+    """Labels from the older inventory: the same image; labelled ice is more than the image
+    shows, and without the effect the labels are the image's truth (resampled, shifted)."""
+    on, on_labels, extra = generate_scene(2, 2, (96, 96), 1, REGIONS["khumbu"], return_extras=True)
+    off, off_labels = generate_scene(2, 2, (96, 96), 1, REGIONS["khumbu"], effects=ALL_ON.off("inventory_labels"))
+    assert np.array_equal(on, off) and not np.array_equal(on_labels, off_labels)
+    valid = on_labels < 255
+    assert ((on_labels == 1) | (on_labels == 2))[valid].mean() > ((off_labels == 1) | (off_labels == 2))[valid].mean()
+    truth = extra["truth"]
+    agree_on, agree_off = (on_labels == truth)[valid].mean(), (off_labels == truth)[valid].mean()
+    assert agree_off > agree_on

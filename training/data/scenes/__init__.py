@@ -63,12 +63,12 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     scene of ``rows x cols`` tiles; with ``return_extras`` also {"elevation", "slope", "nir",
     "truth"} (the fake HKH channels; the truth the bands were rendered from)."""
     # one random stream per part: switching an effect off changes nothing else of the scene
-    terrain_rng, ice_rng, mat_rng, refl_rng, cloud_rng, sensor_rng, label_rng, gap_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))
+    terrain_rng, ice_rng, mat_rng, refl_rng, cloud_rng, sensor_rng, label_rng, gap_rng, inventory_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(9))
     shape = (rows * size[0], cols * size[1])
     px = max(size) / 512.0
     t = make_terrain(terrain_rng, shape, px, region, cast_shadows=effects.cast_shadows)
-    ice = make_ice(ice_rng, t, px, region, rows * cols)
+    ice = make_ice(ice_rng, t, px, region, rows * cols, inventory_rng if effects.inventory_labels else None)
     truth = np.zeros(shape, np.uint8)
     truth[ice.glacier | ice.firn] = 1
     truth[ice.debris] = 2
@@ -82,7 +82,10 @@ def generate_scene(rows: int, cols: int, size: Tuple[int, int], seed: int, regio
     if effects.clouds:
         add_clouds(cloud_rng, refl, temp, px, region, tuple(size), rows, cols)
     bands = sensor(sensor_rng, refl, temp, px, region, effects, rows, cols, tuple(size))
-    labels = make_labels(truth, label_rng, px, region, effects)
+    source = truth
+    if ice.inventory is not None:  # the inventory's glacier and debris; lakes as the image shows them
+        source = np.where(ice.lakes, 3, ice.inventory).astype(np.uint8)
+    labels = make_labels(source, label_rng, px, region, effects)
     _gaps(gap_rng, bands, labels, rows, cols, size)
     if not return_extras:
         return bands, labels

@@ -9,7 +9,7 @@ is still positive. Steep rock walls above the line stay bare.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -26,6 +26,7 @@ class Ice:
     turbid: np.ndarray      # bool: lakes with suspended sediment (brighter, greener)
     firn: np.ndarray        # bool: the accumulation area (snow-covered ice)
     ela: float              # the snow line found for the region's glacier share (m)
+    inventory: Optional[np.ndarray] = None  # uint8 0/1/2: the inventory's glacier and debris (labels' source)
 
 
 def _flux(t: Terrain, region, ela: float) -> np.ndarray:
@@ -68,22 +69,40 @@ def _outline(flux: np.ndarray, cells: np.ndarray, shape: Tuple[int, int], margin
 
 def _solve_ela(terrain: Terrain, region, margin: np.ndarray, steep: np.ndarray):
     """The snow line that gives the region's glacier share (bisection on the ELA): the
-    region says how much of the scene is ice, the terrain says where it lies."""
+    region says how much of the scene is ice, the terrain says where it lies. ``make_ice``
+    solves it on the inventory's definition (headwalls included), the share labels show."""
     zc = terrain.coarse_elev
     lo, hi = float(np.quantile(zc, 0.02)), float(np.quantile(zc, 0.999))
-
-    def mask(ela):
-        flux = _flux(terrain, region, ela)
-        cells = _ice_cells(terrain, region, ela, flux)
-        return flux, _outline(flux, cells, terrain.elev.shape, margin, terrain.coarse) & ~steep
-
     for _ in range(12):
         mid = 0.5 * (lo + hi)
-        share = float(mask(mid)[1].mean())
+        share = float(_glacier_at(terrain, region, mid, margin, steep)[1].mean())
         lo, hi = (mid, hi) if share > region.glacier_share else (lo, mid)
     ela = 0.5 * (lo + hi)
-    flux, glacier = mask(ela)
+    flux, glacier = _glacier_at(terrain, region, ela, margin, steep)
     return ela, flux, glacier
+
+
+def _glacier_at(terrain: Terrain, region, ela: float, margin: np.ndarray, steep: np.ndarray):
+    """(routed flux, fine glacier mask) of the terrain's ice with the snow line at ``ela``."""
+    flux = _flux(terrain, region, ela)
+    cells = _ice_cells(terrain, region, ela, flux)
+    return flux, _outline(flux, cells, terrain.elev.shape, margin, terrain.coarse) & ~steep
+
+
+def _inventory(rng, terrain: Terrain, region, ela_inv: float, glacier: np.ndarray, px: float) -> np.ndarray:
+    """The glacier inventory the labels are taken from, mapped on other imagery years
+    earlier: glaciers were larger then (its snow line ``ela_inv`` is
+    ``inventory_ela_shift_m`` below the image's, so the tongues reached further), basins
+    are drawn up to the ridge (steep snow-covered headwalls included, as inventories do:
+    ``glacier``), debris was mapped by its own analyst, and the polygons are generalised
+    (concavities and nunataks under about 100 m smoothed away)."""
+    debris = _debris(glacier, terrain, region, ela_inv, px, rng)
+    out = np.zeros(glacier.shape, np.uint8)
+    out[glacier] = 1
+    out[debris] = 2
+    sigma = max(0.5, 1.5 * px)  # generalisation at the inventory's map scale
+    votes = np.stack([cv2.GaussianBlur((out == c).astype(np.float32), (0, 0), sigma) for c in range(3)])
+    return votes.argmax(0).astype(np.uint8)
 
 
 def _debris(glacier: np.ndarray, terrain: Terrain, region, ela: float, px: float, rng) -> np.ndarray:
@@ -136,11 +155,19 @@ def _place_lakes(rng, shape, px, region, flux, receiver, glacier, debris, n_tile
     return lakes.astype(bool) & ~(glacier & ~debris)  # never on clean ice
 
 
-def make_ice(rng: np.random.Generator, terrain: Terrain, px: float, region, n_tiles: int) -> Ice:
+def make_ice(rng: np.random.Generator, terrain: Terrain, px: float, region, n_tiles: int,
+             inventory_rng: Optional[np.random.Generator] = None) -> Ice:
+    """The scene's ice as the image shows it; with ``inventory_rng`` also the inventory the
+    labels are drawn from (`_inventory`)."""
     shape = terrain.elev.shape
     margin = 0.2 * noise(rng, shape, 8 * px) + 0.08 * noise(rng, shape, 2 * px)
     steep = np.degrees(terrain.slope) > region.max_ice_slope + 25
-    ela, flux, glacier = _solve_ela(terrain, region, margin, steep)
+    # the region's glacier share is the labelled share (the inventory's, headwalls
+    # included); the image's snow line lies higher. Solved the same way whether or not the
+    # labels are taken from the inventory, so that ablating it leaves the image unchanged.
+    ela_inv, _, inventory_glacier = _solve_ela(terrain, region, margin, np.zeros(shape, bool))
+    ela = ela_inv + region.inventory_ela_shift_m
+    flux, glacier = _glacier_at(terrain, region, ela, margin, steep)
     glacier = _open(glacier, px)
     debris = _debris(glacier, terrain, region, ela, px, rng)
     lakes = _place_lakes(rng, shape, px, region, flux, terrain.receiver, glacier, debris, n_tiles, terrain.coarse)
@@ -149,4 +176,7 @@ def make_ice(rng: np.random.Generator, terrain: Terrain, px: float, region, n_ti
     frozen = lakes & (kind[comp] < region.frozen_lake_share)
     turbid = lakes & ~frozen & (kind[comp] > 1.0 - region.turbid_lake_share)
     firn = glacier & ~debris & (terrain.elev > ela)
-    return Ice(glacier & ~debris & ~lakes, debris & ~lakes, lakes, frozen, turbid, firn & ~lakes, ela)
+    inventory = None
+    if inventory_rng is not None:
+        inventory = _inventory(inventory_rng, terrain, region, ela_inv, inventory_glacier, px)
+    return Ice(glacier & ~debris & ~lakes, debris & ~lakes, lakes, frozen, turbid, firn & ~lakes, ela, inventory)

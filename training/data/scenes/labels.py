@@ -1,7 +1,8 @@
 """Labels as real labels are made: small debris patches and ponds not drawn, outlines drawn
 on coarser imagery and resampled to the tile grid, and misregistered by a pixel or two.
 The bands are rendered from the truth; the labels a model learns from and is scored on are
-these."""
+these, made from the glacier inventory (``ice._inventory``: older, larger, generalised)
+with the lakes as the image shows them."""
 from __future__ import annotations
 
 import cv2

@@ -49,6 +49,7 @@ class Region:
     offset: float = 0.0                  # reflectance offset (calibration, atmosphere)
     thermal_offset_k: float = 0.0        # season and time of day
     debris_thermal_k: float = 1.0        # debris this much cooler than bare rock (weak: thin debris over ice)
+    inventory_ela_shift_m: float = 100.0  # the snow line this much lower at the labels' inventory date (larger glaciers)
     label_scale: int = 2                 # labels drawn on imagery this much coarser, then resampled
     misregistration_px: float = 1.5      # labels shifted against the bands by up to this much
     noise: float = 1.0
@@ -84,6 +85,7 @@ UNSEEN_REGION = REGIONS["bhutan"]
 class Effects:
     """Each physical effect that makes the task hard, on by default; ``off(name)`` gives the
     generator without it (the ablation of ``benchmarks/generator_ablation.py``)."""
+    inventory_labels: bool = True   # labels from an older glacier inventory (larger glaciers, headwalls, generalised)
     label_resampling: bool = True   # outlines drawn on coarser imagery and resampled
     misregistration: bool = True    # labels shifted against the bands by a pixel or two
     label_omission: bool = True     # small debris patches and ponds not drawn
