@@ -210,6 +210,16 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
         sys.exit(130)
 
 
+def _pretrain_rank_args(verbose, config, data, out, seed, val_patches, device, sets, no_progress, force):
+    """The command line each torchrun rank runs: this command again, under the parent's lock."""
+    args = (["-v"] if verbose else []) + [
+        "pretrain", "--config", config, "--data", data, "--out", out, "--seed", str(seed),
+        "--val-patches", str(val_patches), "--device", device, "--parent-lock"]
+    for s in sets:
+        args += ["--set", s]
+    return args + (["--no-progress"] if no_progress else []) + (["--force"] if force else [])
+
+
 @click.command("pretrain")
 @click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
     help="YAML config, e.g. configs/hkh_pretrain_t4x2.yaml.")
@@ -244,16 +254,9 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
                    "(--force trains it again)")
         return
     if gpus > 1 and "WORLD_SIZE" not in os.environ:
-        args = (["-v"] if ctx.find_root().params.get("verbose") else []) + [
-            "pretrain", "--config", config, "--data", data, "--out", out, "--seed", str(seed),
-            "--val-patches", str(val_patches), "--device", device, "--parent-lock"]
-        for s in sets:
-            args += ["--set", s]
-        if no_progress:
-            args.append("--no-progress")
-        if force:
-            args.append("--force")
-        _pretrain_ddp(gpus, args, out, device)
+        verbose = bool(ctx.find_root().params.get("verbose"))
+        _pretrain_ddp(gpus, _pretrain_rank_args(verbose, config, data, out, seed, val_patches, device, sets,
+                                                no_progress, force), out, device)
         return
     try:
         res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress, force=force,

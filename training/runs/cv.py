@@ -226,13 +226,25 @@ def _init_state(prep: _Prepared, ctx, echo: Echo):
     return state
 
 
+def _fit_member(run: CvRun, prep: _Prepared, ctx, fold: int, seed: int, init_state, members_after: int,
+                callbacks: Sequence[Any]) -> Dict[str, Any]:
+    """Train one member of the run (``Trainer.fit``); raises ``MemberFailed`` when a guard stops it."""
+    from training.engine.trainer import Trainer
+    from training.folds import fold_split
+
+    rd = RunDir(run.out)
+    train_keys, val_keys = fold_split(prep.folds, fold)
+    return Trainer(prep.cfg, prep.dataset, train_keys, val_keys, fold, seed, rd.member(fold, seed),
+                   rd.work_dir(member_name(fold, seed)), ctx, init_state=init_state,
+                   progress=run.progress and run.worker is None, members_after=members_after, worker=run.worker,
+                   loader_workers=run.loader_workers, callbacks=callbacks).fit()
+
+
 def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callbacks: Sequence[Any],
                 clean: bool, allow_missing: bool = False) -> List[Dict[str, Any]]:
     """Train the members still to do; returns the ones a guard stopped (diverged, out of
     memory): the others still train. Under DDP a stopped member ends the run."""
     from training.engine.guards import MemberFailed
-    from training.engine.trainer import Trainer
-    from training.folds import fold_split
 
     jobs, rd = prep.jobs, RunDir(run.out)
     todo = _todo(run, prep, ctx, echo, train, clean, allow_missing)
@@ -248,14 +260,9 @@ def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callb
             if ctx.is_main and train:
                 echo(f"{head}: done already ({path}), reused")
             continue
-        train_keys, val_keys = fold_split(prep.folds, fold)
         after = len(queue.unclaimed()) if queue else sum(1 for j in jobs[i + 1:] if j in todo)
         try:
-            res = Trainer(prep.cfg, prep.dataset, train_keys, val_keys, fold, seed, path,
-                          rd.work_dir(member_name(fold, seed)), ctx, init_state=init_state,
-                          progress=run.progress and run.worker is None,
-                          members_after=after, worker=run.worker,
-                          loader_workers=run.loader_workers, callbacks=callbacks).fit()
+            res = _fit_member(run, prep, ctx, fold, seed, init_state, after, callbacks)
         except MemberFailed as exc:
             if ctx.enabled:
                 raise CvError(str(exc)) from None
