@@ -27,8 +27,9 @@ EFFECTS = ("inventory_labels", "label_resampling", "misregistration", "label_omi
            "cast_shadows", "clouds", "snow", "lake_variants", "weak_debris_thermal", "calibration")
 
 
-def baseline_oof(data: str, folds_path: str, seed: int = 0) -> dict:
-    """The per-pixel baseline out of fold: per fold trained on its training tiles."""
+def baseline_oof(data: str, folds_path: str, seed: int = 0, only=None) -> dict:
+    """The per-pixel baseline out of fold: per fold trained on its training tiles (only the
+    folds in ``only`` when given: the ones the CNN is scored on)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from training.data.competition import CompetitionDataset
@@ -38,6 +39,8 @@ def baseline_oof(data: str, folds_path: str, seed: int = 0) -> dict:
     ds, folds = CompetitionDataset(data), load_folds(folds_path)
     out = {}
     for f in folds["folds"]:
+        if only is not None and f["fold"] not in only:
+            continue
         tr, va = fold_split(folds, f["fold"])
         X = np.concatenate([np.nan_to_num(ds.image(k).reshape(5, -1).T) for k in tr])
         y = np.concatenate([ds.label(k).reshape(-1) for k in tr])
@@ -60,7 +63,7 @@ def one(work: str, without, a) -> dict:
     data = os.path.join(d, "synth", "train")
     folds = os.path.join(d, "folds.json")
     run(tool("glacier-train") + ["folds", data, "--k", str(a.k), "--out", folds], log)
-    base = baseline_oof(data, folds, a.seed)
+    base = baseline_oof(data, folds, a.seed, only=a.cnn_folds or None)
     cmd = tool("glacier-train") + ["cv", "--config", a.config, "--data", data, "--folds", folds, "--out",
                                    os.path.join(d, "weights"), "--no-progress", *[x for s in a.sets for x in ("--set", s)]]
     for f in a.cnn_folds or []:

@@ -25,8 +25,8 @@ def cli(verbose: bool) -> None:
 
 
 _REGION_NAMES = ("khumbu", "lahaul", "karakoram", "bhutan", "tienshan")  # training/data/scenes/regions.py
-_EFFECTS = ("label_resampling", "misregistration", "label_omission", "psf", "topo_shading", "cast_shadows", "clouds",
-            "snow", "lake_variants", "weak_debris_thermal", "calibration")
+_EFFECTS = ("inventory_labels", "label_resampling", "misregistration", "label_omission", "psf", "topo_shading",
+            "cast_shadows", "clouds", "snow", "lake_variants", "weak_debris_thermal", "calibration")  # Effects.names()
 
 
 @cli.command()

@@ -25,3 +25,12 @@ def test_synth_inspect_folds(tmp_path):
 def test_folds_bad_data_is_clean_error(tmp_path):
     res = CliRunner().invoke(main, ["folds", str(tmp_path)])
     assert res.exit_code != 0 and "Band1" in res.output and "Traceback" not in res.output
+
+
+def test_synth_offers_every_effect_and_region_of_the_generator():
+    """The CLI keeps its own lists (no numpy/cv2 at import); they must follow the generator."""
+    from training.cli import _EFFECTS, _REGION_NAMES
+    from training.data.scenes.regions import REGIONS, Effects
+
+    assert sorted(_EFFECTS) == sorted(Effects.names())
+    assert sorted(_REGION_NAMES) == sorted(REGIONS)
