@@ -45,6 +45,8 @@ def baseline_oof(data: str, folds_path: str, seed: int = 0, only=None) -> dict:
         X = np.concatenate([np.nan_to_num(ds.image(k).reshape(5, -1).T) for k in tr])
         y = np.concatenate([ds.label(k).reshape(-1) for k in tr])
         idx = np.random.default_rng(seed).choice(len(y), min(150_000, len(y)), replace=False)
+        counts = np.bincount(y[idx], minlength=4)
+        idx = idx[counts[y[idx]] > 1]  # a class seen once breaks the stratified early-stopping split
         clf = HistGradientBoostingClassifier(max_iter=150, random_state=seed).fit(X[idx], y[idx])
         for k in va:
             pred = clf.predict(np.nan_to_num(ds.image(k).reshape(5, -1).T)).reshape(ds.label(k).shape)

@@ -48,8 +48,8 @@ def test_mosaic_grouping_script(tmp_path):
 
 @pytest.mark.slow
 def test_generator_ablation_script(tmp_path):
-    r = _run(["benchmarks/generator_ablation.py", "--work", str(tmp_path / "w"), "--effects", "clouds", "--tiles", "6",
-              "--size", "64", "--k", "3", "--cnn-folds", "0", "--set", "train.epochs=1", "--set", "train.patch_size=64",
+    r = _run(["benchmarks/generator_ablation.py", "--work", str(tmp_path / "w"), "--effects", "clouds", "--tiles", "9",
+              "--size", "96", "--k", "2", "--cnn-folds", "0", "--set", "train.epochs=1", "--set", "train.patch_size=64",
               "--set", "train.patches_per_epoch=8"], tmp_path)
     assert [x["effect_off"] for x in r["rows"]] == ["all effects on", "clouds"]
     assert all(x["tiles_scored"] > 0 and len(x["cnn"]) == 3 and len(x["baseline"]) == 3 for x in r["rows"])
@@ -58,7 +58,7 @@ def test_generator_ablation_script(tmp_path):
 @pytest.mark.slow
 def test_region_shift_script(tmp_path):
     r = _run(["benchmarks/region_shift.py", "--work", str(tmp_path / "w"), "--regions", "khumbu", "lahaul",
-              "--held-out", "khumbu", "--tiles", "4", "--size", "64", "--k", "2", "--set", "train.epochs=1",
+              "--held-out", "khumbu", "--tiles", "4", "--size", "64", "--k", "2", "--block", "1", "--set", "train.epochs=1",
               "--set", "train.patch_size=64", "--set", "train.patches_per_epoch=8"], tmp_path)
     (row,) = r["rows"]
     assert row["region"] == "khumbu" and row["train_regions"] == ["lahaul"]
