@@ -20,7 +20,7 @@ from .backends import OnnxRunner, TorchRunner, cpu_cores, onnxruntime_available,
 from .classes import CLASS_VALUES
 from .decision import decide
 from .models import build_model
-from .normalize import masked_pixels, normalize
+from .normalize import apply_stats, masked_pixels, tile_stats
 from .safeload import UnsafeFileError, safe_load
 from .settings import InferenceSettings
 from .tta import group_views, rescale, resolve_views, scaled_size
@@ -206,8 +206,15 @@ class Predictor:
                         n += 1
         return total / n
 
-    def predict_proba(self, image: np.ndarray, views=None, scales=None, members=None) -> np.ndarray:
-        """(C, H, W) raw tile -> (K, H, W) merged class probabilities."""
+    def tile_norms(self, image: np.ndarray, members=None) -> List[Mapping[str, Any]]:
+        """Each member's normalisation numbers for this whole tile (its mode's, see
+        glacier_runtime/normalize.py): computed once, applied to every window and block."""
+        return [tile_stats(image, m.stats) for m in (self.members if members is None else members)]
+
+    def predict_proba(self, image: np.ndarray, views=None, scales=None, members=None,
+                      norms: Optional[Sequence[Mapping[str, Any]]] = None) -> np.ndarray:
+        """(C, H, W) raw tile -> (K, H, W) merged class probabilities. ``norms``: the
+        members' numbers of the tile ``image`` is a block of (default: of ``image``)."""
         if image.ndim != 3:
             raise ValueError(f"expected a (C, H, W) tile, got shape {image.shape}")
         views = self.views if views is None else views
@@ -217,6 +224,7 @@ class Predictor:
         stride = int(self.cfg.stride)
         _, H, W = image.shape
         workers = self._workers(mems)
+        norms = self.tile_norms(image, mems) if norms is None else norms
         # normalisation is per pixel, so padding the raw tile once and normalising each window
         # per member equals padding each member's normalised tile (and holds one tile, not M)
         raw, _ = pad_to_multiple(image, stride)
@@ -227,13 +235,13 @@ class Predictor:
         wmap = blend_weight(wh, ww) if len(plan) > 1 else None
         k = mems[0].n_classes
         if len(plan) == 1 and workers > 1:  # the common case: one window, no blending buffers
-            wins = [normalize(raw, m.stats) for m in mems]
+            wins = [apply_stats(raw, n) for n in norms]
             probs = self._items_proba(mems, weights, wins, views, scales, workers) / np.float32(sum(weights))
             return probs[:, :H, :W]
         acc = np.zeros((k, hp, wp), np.float32)
         norm = np.zeros((hp, wp), np.float32)
         for (y0, x0, wh, ww) in plan:
-            wins = [normalize(raw[:, y0:y0 + wh, x0:x0 + ww], m.stats) for m in mems]
+            wins = [apply_stats(raw[:, y0:y0 + wh, x0:x0 + ww], n) for n in norms]
             if workers > 1:
                 p = self._items_proba(mems, weights, wins, views, scales, workers)
             else:
@@ -274,14 +282,15 @@ class Predictor:
         out[0, masked] = 1.0
         return out
 
-    def refine(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
+    def refine(self, probs: np.ndarray, image: np.ndarray, norm: Optional[Mapping[str, Any]] = None) -> np.ndarray:
         """The CRF step (when configured): masked pixels certain background first (as in
         the saved out-of-fold probabilities the tuner judges it on), the tile's bands,
         normalised with the first member's statistics, as the appearance term."""
         if self.crf is None:
             return probs
         probs = self.masked_to_background(probs, self.masked(image))
-        return crf_refine(probs, normalize(image, self.members[0].stats), self.crf)
+        norm = tile_stats(image, self.members[0].stats) if norm is None else norm
+        return crf_refine(probs, apply_stats(image, norm), self.crf)
 
     def predict_ids(self, image: np.ndarray, views=None, scales=None, members=None) -> np.ndarray:
         """(C, H, W) raw tile -> (H, W) class ids. Tiles larger than ``block`` on a side go
@@ -295,12 +304,15 @@ class Predictor:
         stride = int(self.cfg.stride)
         margin = max(stride, int(self.cfg.window) // 8 // stride * stride)
         ids = np.zeros((H, W), np.uint8)
+        mems = self.members if members is None else members
+        norms = self.tile_norms(image, mems)  # the whole tile's numbers, not each block's
+        first = tile_stats(image, self.members[0].stats)
         for y0 in range(0, H, block):
             for x0 in range(0, W, block):
                 y1, x1 = min(H, y0 + block), min(W, x0 + block)
                 ya, xa, yb, xb = max(0, y0 - margin), max(0, x0 - margin), min(H, y1 + margin), min(W, x1 + margin)
                 crop = image[:, ya:yb, xa:xb]
-                probs = self.refine(self.predict_proba(crop, views, scales, members), crop)
+                probs = self.refine(self.predict_proba(crop, views, scales, members, norms), crop, first)
                 core = decide(probs, self.bias)[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
                 if self.cfg.masked_background:
                     core[masked_pixels(image[:, y0:y1, x0:x1])] = 0

@@ -20,14 +20,21 @@ class DataConfig(_Strict):
     bands: List[str] = Field(default_factory=lambda: list(band_registry.COMPETITION_BANDS))
     label_mode: Literal["multiclass", "binary"] = "multiclass"
     stats_percentiles: List[float] = Field(default_factory=lambda: [0.5, 99.5])
+    # where the numbers that standardise a tile come from (glacier_runtime/normalize.py):
+    # fold = the training fold's statistics (one set for every tile); tile_percentile = each
+    # tile's own tile_percentiles per band mapped to [0, 1]; tile_standard = each tile clipped
+    # to its own tile_percentiles and standardised with its own mean and std
+    normalization: Literal["fold", "tile_percentile", "tile_standard"] = "fold"
+    tile_percentiles: List[float] = Field(default_factory=lambda: [2.0, 98.0])
     cache_dir: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self):
         band_registry.select(self.sensor, self.bands)  # unknown/duplicate names raise
-        lo, hi = self.stats_percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ValueError(f"stats_percentiles must satisfy 0 <= lo < hi <= 100, got {self.stats_percentiles}")
+        for key in ("stats_percentiles", "tile_percentiles"):
+            v = getattr(self, key)
+            if len(v) != 2 or not 0 <= v[0] < v[1] <= 100:
+                raise ValueError(f"{key} must be two numbers with 0 <= lo < hi <= 100, got {v}")
         return self
 
 
@@ -97,12 +104,23 @@ class LossConfig(_Strict):
     boundary: float = Field(0.15, ge=0)
     boundary_ramp_epochs: int = Field(30, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
+    # Lovasz-softmax (a surrogate of the per-class IoU) and Tversky (Dice with false positives
+    # weighted by alpha, false negatives by beta): segmentation-models-pytorch's own losses.
+    # Each ramps in linearly over its *_ramp_epochs as the boundary loss does (0 = full at once).
+    lovasz: float = Field(0.0, ge=0)
+    lovasz_ramp_epochs: int = Field(0, ge=0)
+    tversky: float = Field(0.0, ge=0)
+    tversky_alpha: float = Field(0.3, ge=0)
+    tversky_beta: float = Field(0.7, ge=0)
+    tversky_ramp_epochs: int = Field(0, ge=0)
     class_weights: Union[Literal["auto", "none"], List[float]] = "auto"
 
     @model_validator(mode="after")
     def _any(self):
-        if self.focal + self.dice + self.mcc + self.boundary <= 0:
+        if self.focal + self.dice + self.mcc + self.boundary + self.lovasz + self.tversky <= 0:
             raise ValueError("at least one loss weight must be positive")
+        if self.tversky and self.tversky_alpha + self.tversky_beta <= 0:
+            raise ValueError("tversky_alpha + tversky_beta must be positive")
         return self
 
 

@@ -1,4 +1,5 @@
-"""Losses: focal, multi-class soft dice, soft MCC (the competition metric), boundary.
+"""Losses: focal, multi-class soft dice, soft MCC (the competition metric), boundary, and
+segmentation-models-pytorch's Lovasz-softmax and Tversky.
 
 All are finite for batches in which a class is absent (a batch without a lake must not
 produce NaN).
@@ -81,6 +82,26 @@ def boundary_loss(logits: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     return (p * dist.to(p.device, torch.float32)).mean()
 
 
+def lovasz_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """smp's Lovasz-softmax over the batch (classes present in it), in float32."""
+    from segmentation_models_pytorch.losses import LovaszLoss
+
+    return LovaszLoss(mode="multiclass", per_image=False, from_logits=True)(logits.float(), target)
+
+
+def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+    """smp's Tversky loss: mean over classes of 1 - TP / (TP + alpha FP + beta FN) on the
+    batch's soft counts; a class absent from the batch contributes 0."""
+    from segmentation_models_pytorch.losses import TverskyLoss
+
+    return TverskyLoss(mode="multiclass", from_logits=True, alpha=alpha, beta=beta)(logits.float(), target)
+
+
+def ramped(weight: float, ramp_epochs: int, epoch: int) -> float:
+    """``weight`` reached linearly over ``ramp_epochs`` (epoch 0 gets 1/ramp of it)."""
+    return weight * (min(1.0, (epoch + 1) / ramp_epochs) if ramp_epochs else 1.0)
+
+
 class CombinedLoss(nn.Module):
     def __init__(self, cfg, class_weight: Optional[torch.Tensor] = None):
         super().__init__()
@@ -88,8 +109,7 @@ class CombinedLoss(nn.Module):
         self.register_buffer("class_weight", class_weight if class_weight is not None else torch.empty(0))
 
     def boundary_weight(self, epoch: int) -> float:
-        ramp = self.cfg.boundary_ramp_epochs
-        return self.cfg.boundary * (min(1.0, (epoch + 1) / ramp) if ramp else 1.0)
+        return ramped(self.cfg.boundary, self.cfg.boundary_ramp_epochs, epoch)
 
     def forward(self, logits, target, dist=None, epoch: int = 0) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
@@ -100,6 +120,12 @@ class CombinedLoss(nn.Module):
             parts["dice"] = self.cfg.dice * dice_loss(logits, target)
         if self.cfg.mcc:
             parts["mcc"] = self.cfg.mcc * soft_mcc_loss(logits, target)
+        lw = ramped(self.cfg.lovasz, self.cfg.lovasz_ramp_epochs, epoch)
+        if lw:
+            parts["lovasz"] = lw * lovasz_loss(logits, target)
+        tw = ramped(self.cfg.tversky, self.cfg.tversky_ramp_epochs, epoch)
+        if tw:
+            parts["tversky"] = tw * tversky_loss(logits, target, self.cfg.tversky_alpha, self.cfg.tversky_beta)
         bw = self.boundary_weight(epoch)
         if bw and dist is not None:
             parts["boundary"] = bw * boundary_loss(logits, dist)

@@ -311,3 +311,26 @@ def test_worker_threads_do_not_change_the_callers_thread_count():
     before = torch.get_num_threads()
     _predictor(_models(1), 2, tta="flips").predict_proba(np.zeros((5, 32, 32), np.float32))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("mode", ["tile_percentile", "tile_standard"])
+def test_per_tile_modes_use_the_whole_tiles_numbers_in_every_window_and_block(mode):
+    """Windows and blocks are normalised with the whole tile's own numbers: the same
+    probabilities as normalising the tile by hand and predicting it with identity stats."""
+    from glacier_runtime.backends import TorchRunner
+    from glacier_runtime.normalize import identity_stats, normalize
+    from glacier_runtime.predictor import Member, Predictor
+
+    rng = np.random.default_rng(5)
+    img = (rng.gamma(2.0, 30.0, (5, 300, 260)) + 50 * np.arange(5)[:, None, None]).astype(np.float32)
+    img[:, 250:, :] *= 3.0  # the bottom of the tile differs: a block's own numbers would differ
+    st = {**identity_stats(5), "mode": mode, "tile_percentiles": [2, 98]}
+    oracle = pointwise_predictor(window=1024).predict_proba(normalize(img, st))
+    ids_oracle = pointwise_predictor(window=1024).predict_ids(normalize(img, st))
+
+    def pred(**inf):
+        return Predictor([Member(TorchRunner(PointwiseNet(), "cpu", fold_bn=False), st, n_classes=4)], inf)
+
+    assert np.abs(pred(window=1024).predict_proba(img) - oracle).max() < 1e-5
+    assert np.abs(pred(window=64, overlap=0.5).predict_proba(img) - oracle).max() < 1e-5
+    assert np.array_equal(pred(block=96, window=64).predict_ids(img), ids_oracle)

@@ -133,6 +133,8 @@ class Trainer:
             stats_keys = [stats_keys[i] for i in sorted(pick)]
         self.stats = compute_stats((ds.image(k) for k in stats_keys), cfg.data.bands,
                                    *cfg.data.stats_percentiles, seed=0)
+        if cfg.data.normalization != "fold":  # the fold's numbers stay: fallback and the build's check tile
+            self.stats.update(mode=cfg.data.normalization, tile_percentiles=list(cfg.data.tile_percentiles))
         stats = self.stats
         if lazy:
             self.images = LazyMap(self.train_keys, lambda k: normalize(ds.image(k), stats))
