@@ -43,10 +43,12 @@ class ModelConfig(_Strict):
     encoder: str = "resnet34"
     decoder_channels: List[int] = Field(default_factory=lambda: [256, 128, 64, 32, 16])
     decoder_attention_type: Optional[Literal["scse"]] = None
-    encoder_weights: Optional[str] = None  # a local file; nothing downloads at run time
-    # how a weights file's first convolution is fitted to data.bands when its band count differs:
-    # strict = refuse, cycle = filters repeated over the bands (smp's rule), fresh = left random
-    encoder_first_conv: Literal["strict", "cycle", "fresh"] = "strict"
+    # a local file, or smp's named weights (imagenet, ...) from smp's download and cache
+    encoder_weights: Optional[str] = None
+    # how the weights' first convolution is fitted to data.bands when its band count differs:
+    # auto = cycle for smp's named weights, strict for a file; strict = refuse; cycle = filters
+    # repeated over the bands (smp's rule); mean = every band from the mean filter; fresh = random
+    encoder_first_conv: Literal["auto", "strict", "cycle", "mean", "fresh"] = "auto"
 
     @field_validator("decoder_channels")
     @classmethod
@@ -244,7 +246,8 @@ def _check_encoder_weights(cfg: Config, path: str) -> None:
     from training.models import EncoderWeightsError, check_encoder_weights
 
     try:
-        check_encoder_weights(cfg.model.encoder_weights, len(cfg.data.bands), cfg.model.encoder_first_conv)
+        check_encoder_weights(cfg.model.encoder_weights, len(cfg.data.bands), cfg.model.encoder_first_conv,
+                              cfg.model.encoder)
     except EncoderWeightsError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

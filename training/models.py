@@ -1,5 +1,6 @@
-"""Models from segmentation-models-pytorch by name. Encoder weights come from a local
-file only: nothing downloads at run time."""
+"""Models from segmentation-models-pytorch by name. Encoder weights are a local file, or one
+of smp's named weights (``imagenet``, ...) fetched through smp's own Hugging Face download and
+cache; with no network the run stops before training, naming the cache files to fill."""
 from __future__ import annotations
 
 import logging
@@ -14,26 +15,100 @@ from glacier_runtime.models.unet import SUPPORTED_ENCODERS
 
 log = logging.getLogger("glacier.train")
 
-# smp's names for downloadable weights: none of them fits 5 Landsat bands, and nothing downloads here
+# smp's names for downloadable weights
 PRETRAINED_NAMES = ("imagenet", "ssl", "swsl", "instagram", "advprop", "noisy-student", "imagenet+background",
                     "imagenet+5k", "imagenet21k")
-FIRST_CONV_MODES = ("strict", "cycle", "fresh")
-_NO_NAMED_WEIGHTS = (
-    "pretrained RGB filters do not match Landsat's 5 bands (blue, green, red, SWIR-1, thermal): the first "
-    "convolution would see SWIR and thermal through filters learnt for RGB (runs started this way have "
-    "been seen stuck at an MCC near 0.05-0.10). Start from none (model.encoder_weights: null), or pre-train on HKH "
-    "(`glacier-train pretrain`) and start from those weights with `glacier-train cv --init-from pretrained/hkh.pt`")
+# auto: smp's own rule (cycle) for its named weights, strict for a local file; strict = refuse a
+# band-count mismatch; cycle = filters repeated over the bands and rescaled (smp's rule); mean =
+# every band starts from the mean of the file's filters, rescaled; fresh = the first convolution
+# starts random, every other layer is loaded
+FIRST_CONV_MODES = ("auto", "strict", "cycle", "mean", "fresh")
+_RGB_NOTE = ("its filters were learnt on RGB, and here they also see SWIR-1 and thermal. Say how the first "
+             "convolution is adapted: model.encoder_first_conv: cycle (its filters repeated over the bands and "
+             "rescaled, smp's rule), mean (each band starts from the mean filter) or fresh (the first "
+             "convolution starts random, every other layer is loaded)")
+
+
+_OTHER_NOTE = ("Its filters do not fit these bands. To use the file anyway, say how the first convolution is "
+               "adapted: model.encoder_first_conv: cycle, mean or fresh")
 
 
 class EncoderWeightsError(ValueError):
     """Encoder weights that cannot fit the configured input (raised at config validation)."""
 
 
-def named_weights_refusal(name: str) -> Optional[str]:
-    """Why ``name`` (smp's ``imagenet`` etc.) is refused, or None when it is not such a name."""
-    if name.lower() not in PRETRAINED_NAMES:
-        return None
-    return f"model.encoder_weights: {name} is refused: {_NO_NAMED_WEIGHTS}."
+def is_named(weights: Optional[str]) -> bool:
+    """smp's named weights (``imagenet``, ``ssl``, ...) rather than a local file."""
+    return bool(weights) and str(weights).lower() in PRETRAINED_NAMES
+
+
+def resolve_first_conv(mode: str, weights: Optional[str]) -> str:
+    if mode not in FIRST_CONV_MODES:
+        raise EncoderWeightsError(f"model.encoder_first_conv: {mode!r} is unknown; known: {', '.join(FIRST_CONV_MODES)}")
+    if mode == "auto":
+        return "cycle" if is_named(weights) else "strict"
+    return mode
+
+
+def named_settings(encoder: str, name: str) -> Dict[str, Any]:
+    """smp's download settings of ``name`` for ``encoder`` (repo_id and revision on the
+    Hugging Face hub; older smp releases: a URL)."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    if encoder not in encoders:
+        raise EncoderWeightsError(f"model.encoder: {encoder!r} is not an smp encoder")
+    offered = encoders[encoder].get("pretrained_settings") or {}
+    key = name.lower()
+    if key not in offered:
+        raise EncoderWeightsError(f"model.encoder_weights: {name} is not offered for encoder {encoder} by "
+                                  f"segmentation-models-pytorch (it offers: {', '.join(offered) or 'none'})")
+    return dict(offered[key])
+
+
+def named_cache_files(encoder: str, name: str) -> Tuple[str, ...]:
+    """Where smp's download puts (and looks for) the files of ``name``."""
+    st = named_settings(encoder, name)
+    if "repo_id" in st:
+        from huggingface_hub import constants
+
+        snap = os.path.join(constants.HF_HUB_CACHE, "models--" + st["repo_id"].replace("/", "--"), "snapshots",
+                            str(st.get("revision") or "main"))
+        return os.path.join(snap, "config.json"), os.path.join(snap, "model.safetensors")
+    return (os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(st["url"])),)
+
+
+def fetch_named_weights(encoder: str, name: str) -> str:
+    """The named weights in smp's cache, downloaded there by smp's own path when missing; a
+    failed download (no network) stops with the files to put into the cache."""
+    st = named_settings(encoder, name)
+    files = named_cache_files(encoder, name)
+    if all(os.path.isfile(f) for f in files):
+        return files[-1]
+    try:
+        if "repo_id" in st:
+            from huggingface_hub import hf_hub_download
+
+            for f in ("config.json", "model.safetensors"):
+                hf_hub_download(st["repo_id"], filename=f, revision=st.get("revision"))
+        else:
+            torch.hub.load_state_dict_from_url(st["url"], map_location="cpu", progress=False)
+    except Exception as exc:  # no network, a proxy, a hub error: one message
+        where = st.get("repo_id") or st.get("url")
+        raise EncoderWeightsError(
+            f"model.encoder_weights: {name} for {encoder} is not in the cache and cannot be downloaded "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}). Put the files of {where}"
+            + (f" (revision {st['revision']})" if st.get("revision") else "") + " at: " + ", ".join(files)
+            + " (on a machine with network: run once there and copy the cache folder; or set HF_HUB_CACHE to a "
+            "folder that holds them), or start from none (model.encoder_weights: null)") from exc
+    return files[-1]
+
+
+def named_encoder_state(encoder: str, name: str) -> Dict[str, torch.Tensor]:
+    """The 3-band encoder state dict of smp's named weights, loaded by smp itself."""
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    fetch_named_weights(encoder, name)
+    return get_encoder(encoder, in_channels=3, weights=name.lower()).state_dict()
 
 
 def _encoder_state(path: str) -> Dict[str, torch.Tensor]:
@@ -60,50 +135,61 @@ def first_conv_of(state: Dict[str, torch.Tensor]) -> Tuple[str, int]:
     raise EncoderWeightsError("no convolution weight (4-D tensor) in the encoder weights")
 
 
-def check_encoder_weights(path: Optional[str], in_channels: int, first_conv: str = "strict") -> Optional[str]:
+def check_encoder_weights(path: Optional[str], in_channels: int, first_conv: str = "auto",
+                          encoder: Optional[str] = None) -> Optional[str]:
     """Refuse encoder weights that cannot fit ``in_channels`` bands, with the reason and the
-    fix; returns a one-line note of what will be loaded (None without weights). Cheap
-    enough for config validation: it reads the file, builds no model, reads no data."""
+    fix; returns a one-line note of what will be loaded (None without weights). For smp's
+    named weights (needs ``encoder``) the files are fetched into smp's cache now, so a run
+    without network stops here, before any data is read."""
     if not path:
         return None
-    why = named_weights_refusal(path)
-    if why:
-        raise EncoderWeightsError(why)
+    mode = resolve_first_conv(first_conv, path)
+    if is_named(path):
+        if not encoder:
+            raise EncoderWeightsError(f"model.encoder_weights: {path} needs model.encoder to name the weights")
+        fetch_named_weights(encoder, path)
+        if mode == "strict" and in_channels != 3:
+            raise EncoderWeightsError(f"model.encoder_weights: {path} is made for 3 input bands (RGB), but the config "
+                                      f"reads {in_channels} bands (data.bands): {_RGB_NOTE}, or leave it at auto (cycle)")
+        return f"encoder weights {path} ({encoder}, smp's cache): first convolution adapted from 3 to {in_channels} bands ({mode})"
     if not os.path.isfile(path):
         raise EncoderWeightsError(
-            f"model.encoder_weights: {path} not found; it must be a local .pth state dict (nothing is downloaded "
-            "at run time), or null to start from none")
+            f"model.encoder_weights: {path} not found; it must be a local .pth state dict, one of smp's named "
+            "weights (imagenet, ...), or null to start from none")
     key, have = first_conv_of(_encoder_state(path))
     if have == in_channels:
         return f"encoder weights {path}: first convolution {key} takes {have} bands, as configured"
-    if first_conv == "strict":
+    if mode == "strict":
         raise EncoderWeightsError(
             f"model.encoder_weights: {path} has a first convolution ({key}) made for {have} input bands, but the "
-            f"config reads {in_channels} bands (data.bands). {_NO_NAMED_WEIGHTS if have == 3 else 'Its filters do not fit these bands'}. "
-            "To use the file anyway, say how the first convolution is adapted: model.encoder_first_conv: cycle "
-            f"(its {have} filters repeated over the {in_channels} bands and rescaled, as smp does) or fresh "
-            "(the first convolution starts random, every other layer is loaded)")
+            f"config reads {in_channels} bands (data.bands). {_RGB_NOTE if have == 3 else _OTHER_NOTE}")
     return (f"encoder weights {path}: first convolution {key} takes {have} bands, adapted to {in_channels} "
-            f"({first_conv})")
+            f"({mode})")
 
 
-def adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """smp's rule for more or fewer bands than a pretrained stem: filters cycled over the new
-    bands and rescaled by old/new so the activation scale is kept."""
+def adapt_first_conv(weight: torch.Tensor, in_channels: int, mode: str = "cycle") -> torch.Tensor:
+    """A pretrained stem for another band count. cycle (smp's rule): filters cycled over the
+    new bands; mean: every band gets the mean of the old filters; both rescaled by old/new
+    so the activation scale is kept."""
     have = weight.shape[1]
+    if mode == "mean":
+        return weight.mean(1, keepdim=True).expand(-1, in_channels, -1, -1).clone() * (have / in_channels)
     idx = torch.arange(in_channels) % have
     return weight[:, idx] * (have / in_channels)
 
 
-def load_encoder_weights(model: nn.Module, path: str, in_channels: int, first_conv: str = "strict") -> None:
-    """Load a local encoder state dict into ``model.encoder``, adapting the first convolution
-    as ``first_conv`` says (refused under ``strict`` when the band counts differ)."""
-    check_encoder_weights(path, in_channels, first_conv)
-    sd = _encoder_state(path)
+def load_encoder_weights(model: nn.Module, path: str, in_channels: int, first_conv: str = "auto",
+                         encoder: Optional[str] = None) -> None:
+    """Load a local encoder state dict, or smp's named weights, into ``model.encoder``,
+    adapting the first convolution as ``first_conv`` says (refused under ``strict`` when
+    the band counts differ)."""
+    check_encoder_weights(path, in_channels, first_conv, encoder)
+    mode = resolve_first_conv(first_conv, path)
+    sd = named_encoder_state(encoder, path) if is_named(path) else _encoder_state(path)
     key, have = first_conv_of(sd)
     if have != in_channels:
-        if first_conv == "cycle":
-            sd[key] = adapt_first_conv(sd[key], in_channels)
+        if mode in ("cycle", "mean"):
+            sd[key] = adapt_first_conv(sd[key], in_channels, mode)
         else:  # fresh
             sd.pop(key)
     target = model.encoder.state_dict()
@@ -133,9 +219,10 @@ def runtime_supports(spec: Dict[str, Any]) -> bool:
 
 
 def create_model(spec: Dict[str, Any], encoder_weights: Optional[str] = None,
-                 first_conv: str = "strict") -> nn.Module:
-    """The smp model of ``spec``; ``encoder_weights`` (a local file) loaded into its encoder,
-    the first convolution adapted as ``first_conv`` says when its band count differs."""
+                 first_conv: str = "auto") -> nn.Module:
+    """The smp model of ``spec``; ``encoder_weights`` (a local file or smp's named weights)
+    loaded into its encoder, the first convolution adapted as ``first_conv`` says when its
+    band count differs."""
     import segmentation_models_pytorch as smp
 
     arch = getattr(smp, spec["arch"], None)
@@ -151,7 +238,7 @@ def create_model(spec: Dict[str, Any], encoder_weights: Optional[str] = None,
     except (KeyError, ValueError) as exc:
         raise ValueError(f"cannot build {spec['arch']} with encoder {spec['encoder']!r}: {exc}") from exc
     if encoder_weights:
-        load_encoder_weights(model, encoder_weights, spec["in_channels"], first_conv)
+        load_encoder_weights(model, encoder_weights, spec["in_channels"], first_conv, spec["encoder"])
     if not runtime_supports(spec):
         log.warning("%s/%s has no pure-torch runtime twin: build its bundle with --backend onnx",
                     spec["arch"], spec["encoder"])

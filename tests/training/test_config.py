@@ -57,17 +57,6 @@ def test_overrides():
 SMALL = {"model.decoder_channels": [16, 16, 16, 8, 8]}
 
 
-@pytest.mark.parametrize("name", ["imagenet", "ImageNet", "ssl"])
-def test_named_pretrained_weights_refused_with_reason(name):
-    with pytest.raises(ConfigError) as exc:
-        load_config(QUICK, {"model.encoder_weights": name, **SMALL})
-    msg = str(exc.value)
-    assert QUICK in msg and f"encoder_weights: {name} is refused" in msg
-    assert "RGB filters do not match Landsat's 5 bands" in msg
-    assert "encoder_weights: null" in msg and "--init-from" in msg
-    assert "not found" not in msg
-
-
 def test_three_band_file_refused_unless_first_conv_rule(tmp_path):
     path, _ = encoder_file(tmp_path, 3)
     with pytest.raises(ConfigError) as exc:

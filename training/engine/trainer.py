@@ -436,9 +436,23 @@ class Trainer:
                 log.warning(line)
             if warned:
                 row["class_warnings"] = warned  # a list: in the epoch line and the checkpoint, not the CSV
+        self.check_stuck_start(epoch, acc.mcc)
         if self.plateau is not None:
             self.plateau.step(acc.mcc)
         return acc.mcc > self.best_mcc
+
+    def check_stuck_start(self, epoch: int, mcc: float) -> None:
+        """A pretrained start (ImageNet, a file) whose validation MCC is still below 0.15 a
+        quarter into the run is warned about once: such starts have been seen stuck near
+        0.05-0.10 when RGB filters meet SWIR and thermal."""
+        cfg = self.cfg
+        if not cfg.model.encoder_weights or getattr(self, "_stuck_warned", False):
+            return
+        if epoch + 1 >= max(cfg.train.warmup_epochs + 1, round(0.25 * cfg.train.epochs)) and mcc < 0.15:
+            self._stuck_warned = True
+            log.warning("fold %d: validation MCC %.3f after %d epochs from encoder weights %s: a start stuck this low "
+                        "is the sign of filters that do not fit the bands; try model.encoder_first_conv: fresh or "
+                        "mean, or model.encoder_weights: null", self.fold, mcc, epoch + 1, cfg.model.encoder_weights)
 
     def score(self, model: torch.nn.Module, keep_probs: bool = False):
         """``validate`` on the validation tiles; out of memory: with ``train.auto_batch`` the
