@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -70,18 +71,40 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class TorchRunner:
+    """A torch model ready to run: eval mode, batch norm folded into the convolutions (unless
+    ``fold_bn`` is off), channels-last on the CPU, fp16 autocast on CUDA. ``adaptable`` keeps
+    an unfolded copy so :meth:`adapt_bn` can re-estimate the batch-norm statistics."""
+
     def __init__(self, model: nn.Module, device: Optional[str] = None, fold_bn: bool = True,
-                 channels_last: Optional[bool] = None, fp16: Optional[bool] = None):
+                 channels_last: Optional[bool] = None, fp16: Optional[bool] = None, adaptable: bool = False):
         self.device = pick_device(device)
-        model = model.eval()
-        if fold_bn:
-            model = fold_batchnorm(model)
+        self.fold_bn = fold_bn
         self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
         self.fp16 = (self.device.type == "cuda") if fp16 is None else fp16
+        model = model.eval()
+        self.source = copy.deepcopy(model) if (adaptable and fold_bn) else None
+        self.model = self._prepare(model)
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        if self.fold_bn:
+            model = fold_batchnorm(model)
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        return model
+
+    def adapt_bn(self, inputs) -> int:
+        """Batch-norm statistics re-estimated on ``inputs`` ((1, C, H, W) normalised tensors),
+        see glacier_runtime/adapt.py; returns the inputs used (0 when the model has no batch
+        norm left to adapt: folded without an unfolded copy)."""
+        from .adapt import adapt_batchnorm
+
+        target = self.source if self.source is not None else self.model
+        target = target.to(self.device)
+        n = adapt_batchnorm(target, (x.to(self.device) for x in inputs))
+        if n and self.source is not None:
+            self.model = self._prepare(copy.deepcopy(self.source))
+        return n
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,29 @@ def _predict_tile(predictor, key: str, paths: Mapping[str, str]):
         return np.zeros(shape, np.uint8), "fallback"
 
 
+def _adapt(predictor, tiles) -> None:
+    """Test-time batch-norm adaptation on every readable tile (read once per member and
+    again for prediction, so no more than one tile is held). Never raises: a failure keeps
+    the trained statistics."""
+    warned = set()
+
+    def images():
+        for key, paths in tiles.items():
+            try:
+                yield read_tile(paths, BAND_FOLDERS)
+            except Exception as exc:  # noqa: BLE001 - a bad tile is dealt with when it is predicted
+                if key not in warned:
+                    warned.add(key)
+                    log.warning("%s: not read for batch-norm adaptation (%s)", key, exc)
+
+    try:
+        t0 = time.time()
+        predictor.adapt_bn(images)
+        log.info("batch-norm adaptation took %.1f s", time.time() - t0)
+    except Exception as exc:  # noqa: BLE001 - adaptation is an improvement, never a reason to fail
+        log.error("batch-norm adaptation failed (%s); predicting with the trained statistics", exc)
+
+
 def _prepare_out(out_dir: Optional[str]) -> None:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -135,6 +158,8 @@ def predict_folder(predictor, imagepath: Union[str, Mapping[str, str]], out_dir:
     fallback: list = []
     failed: list = []
     start = time.time()
+    if getattr(predictor.cfg, "adapt", None) == "bn":
+        _adapt(predictor, tiles)
     items = _progress(tiles.items(), len(tiles)) if progress else tiles.items()
     for key, paths in items:
         mask, how = _predict_tile(predictor, key, paths)

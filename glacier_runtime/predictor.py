@@ -40,8 +40,10 @@ class Member:
         self.meta = meta or {}
 
 
-def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, backend: str = "auto") -> Member:
-    """Build a Member from a payload entry (format: see docs/BUNDLE.md)."""
+def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, backend: str = "auto",
+                      adaptable: bool = False) -> Member:
+    """Build a Member from a payload entry (format: see docs/BUNDLE.md); ``adaptable`` keeps
+    what test-time batch-norm adaptation needs (the torch backend only)."""
     spec = entry["spec"]
     use_onnx = backend == "onnx" or (backend == "auto" and entry.get("onnx") is not None and onnxruntime_available())
     if use_onnx:
@@ -60,7 +62,7 @@ def member_from_entry(entry: Mapping[str, Any], device: Optional[str] = None, ba
         model = build_model(spec)
         sd = {k: v.float() if v.is_floating_point() else v for k, v in entry["state_dict"].items()}
         model.load_state_dict(sd, strict=True)
-        runner = TorchRunner(model, device)
+        runner = TorchRunner(model, device, adaptable=adaptable)
     return Member(runner, entry["stats"], entry.get("weight", 1.0), entry.get("name", "member"),
                   int(spec["classes"]), entry.get("meta"))
 
@@ -83,6 +85,8 @@ class Predictor:
             raise ValueError(f"bias needs {self.n_classes} values, got {self.bias.tolist()}")
         self.rules = postprocess.validate_rules(cfg.postprocess or [])
         self.crf = validate_crf(cfg.crf)
+        if cfg.adapt not in (None, "bn"):
+            raise ValueError(f"adapt must be None or 'bn', got {cfg.adapt!r}")
         self.class_values = np.asarray(list(class_values)[: self.n_classes], np.uint8)
 
     # -- construction ------------------------------------------------------------------------
@@ -93,9 +97,49 @@ class Predictor:
         if members is not None:
             entries = [entries[i] for i in members]
         inference = InferenceSettings.from_dict({**(payload.get("inference") or {}), **(overrides or {})})
-        built = [member_from_entry(e, device, backend) for e in entries]
+        adapt = inference.adapt == "bn"
+        if adapt and backend == "auto":
+            backend = "torch" if all(e.get("state_dict") for e in entries) else backend
+        built = [member_from_entry(e, device, backend, adaptable=adapt) for e in entries]
         values = payload.get("class_map", {}).get("values", CLASS_VALUES)
         return cls(built, inference, values)
+
+    def adapt_bn(self, tiles) -> int:
+        """Test-time adaptation (``adapt: bn``): each member's batch-norm statistics
+        re-estimated on ``tiles`` (raw (C, H, W) arrays, normalised and padded as for
+        prediction; windows of tiles larger than ``window``); fully masked tiles are skipped.
+        ``tiles`` is a list, or a function returning a fresh iterator of them (read again
+        for each member, so they need not all be in memory). Returns the tiles used. A
+        member that cannot adapt (an ONNX graph) is warned about and keeps its statistics."""
+        def valid():
+            for t in (tiles() if callable(tiles) else tiles):
+                if not masked_pixels(t).all():
+                    yield t
+
+        count = sum(1 for _ in valid())
+        if not count:
+            log.warning("batch-norm adaptation: no test tile with valid pixels; trained statistics kept")
+            return 0
+        stride = int(self.cfg.stride)
+        window = max(stride, int(self.cfg.window) // stride * stride)
+        for m in self.members:
+            if not hasattr(m.runner, "adapt_bn"):
+                log.warning("member %s runs an ONNX graph: batch-norm adaptation skipped for it", m.name)
+                continue
+
+            def inputs(member=m):
+                for t in valid():
+                    raw, _ = pad_to_multiple(t, stride)
+                    norm = tile_stats(t, member.stats)
+                    for (y0, x0, wh, ww) in plan_windows(raw.shape[1], raw.shape[2], window, 0.0):
+                        x = apply_stats(raw[:, y0:y0 + wh, x0:x0 + ww], norm)
+                        yield torch.from_numpy(np.ascontiguousarray(x))[None]
+
+            used = m.runner.adapt_bn(inputs())
+            if not used:
+                log.warning("member %s has no batch norm to adapt (folded): adaptation skipped for it", m.name)
+        log.info("batch-norm statistics of %d member(s) re-estimated on %d test tile(s)", len(self.members), count)
+        return count
 
     @property
     def n_forward_views(self) -> int:

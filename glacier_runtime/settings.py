@@ -36,6 +36,9 @@ class InferenceSettings:
     postprocess: List[Dict[str, Any]] = field(default_factory=list)
     masked_background: bool = True  # pixels that are 0 in every band (masked scene edge) -> background
     crf: Optional[Dict[str, Any]] = None  # CRF refinement of the merged probabilities (glacier_runtime/crf.py)
+    # test-time adaptation before predicting a folder: "bn" = each member's batch-norm statistics
+    # re-estimated on the test tiles (glacier_runtime/adapt.py); None = off
+    adapt: Optional[str] = None
 
     @classmethod
     def names(cls) -> List[str]:

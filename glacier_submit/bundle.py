@@ -77,6 +77,7 @@ class BuildOptions:
     int8_min_agreement: float = 99.5
     allow_int8: bool = False
     crf: bool = False
+    adapt: Optional[str] = None           # None | "bn": test-time batch-norm adaptation in the bundle
 
     @property
     def calib(self) -> Optional[str]:
@@ -143,6 +144,13 @@ def check_options(o: BuildOptions, p: BuildPlan) -> BuildPlan:
     if o.precision not in ("auto", "fp32", "fp16", "int8"):
         raise ValueError(f"--precision must be auto, fp32, fp16 or int8, got {o.precision!r}")
     p.int8, p.backend = o.precision == "int8", o.backend
+    if o.adapt not in (None, "none", "bn"):
+        raise ValueError(f"--adapt must be none or bn, got {o.adapt!r}")
+    if o.adapt == "bn":
+        if p.int8 or o.backend == "onnx":
+            raise ValueError("--adapt bn re-estimates batch norm inside the torch model; an ONNX graph has it folded "
+                             "in: build with --backend torch (or auto) and without --precision int8")
+        p.backend = "torch"
     if p.int8:
         p.backend = quantize.int8_backend(o.backend, o.calib, p.notes)
     elif o.allow_int8:
@@ -165,7 +173,8 @@ def load(o: BuildOptions, p: BuildPlan) -> BuildPlan:
     resolve_views(o.tta)  # validate early
     p.rules, p.postprocess_preset = load_postprocess(o.postprocess), o.postprocess
     p.inference = InferenceSettings(tta=o.tta, scales=[float(s) for s in o.scales], merge=p.merge, window=o.window,
-                                    postprocess=p.rules, crf=validate_crf({"enabled": True}) if o.crf else None)
+                                    postprocess=p.rules, crf=validate_crf({"enabled": True}) if o.crf else None,
+                                    adapt="bn" if o.adapt == "bn" else None)
     return p
 
 
@@ -253,6 +262,9 @@ def fit_time(o: BuildOptions, p: BuildPlan) -> BuildPlan:
                                        o.time_budget, p.table, p.notes)
     p.inference = dataclasses.replace(p.inference, tta=chosen[0], scales=chosen[1])
     p.payload["inference"] = p.inference.to_dict()
+    if p.timing.get("adapt_s"):
+        p.notes.append(f"--adapt bn: {p.timing['adapt_s']:.2f} s per tile re-estimating batch norm (one pass per "
+                       "member before predicting), included in the time estimate")
     p.keep_only(p.kept)
     missing = folds_missing(p.table)
     if missing:
@@ -348,7 +360,7 @@ def make_manifest(o: BuildOptions, p: BuildPlan, files: Dict[str, Dict[str, Any]
         weights=[e["weight"] for e in p.entries], bias=p.bias, tuned_on_tiles=p.tuned_on,
         tuned_on_sha256={s: sorted({h for e in p.entries for h in _fingerprints(e, keys)}) for s, keys in p.tuned_on.items()},
         postprocess=p.rules,
-        postprocess_preset=p.postprocess_preset, crf=inf.crf,
+        postprocess_preset=p.postprocess_preset, crf=inf.crf, adapt=inf.adapt,
         tuning=p.tuning.manifest() if p.tuning is not None else None,
         normalisation={e["name"]: e["stats"] for e in p.entries},
         class_map=p.payload["class_map"], bands=p.payload["bands"],

@@ -65,6 +65,10 @@ def cli(verbose: bool) -> None:
     help="Refine the merged probabilities with a convolutional CRF on the tile's bands "
          "(glacier_runtime/crf.py). --tune oof with --tune-data tries it by itself and keeps it only when it "
          "helps.")
+@click.option("--adapt", type=click.Choice(["none", "bn"]), default="none", show_default=True,
+    help="Test-time adaptation in the bundle: bn = each member's batch-norm statistics re-estimated on the test "
+         "tiles it is given, before predicting (glacier_runtime/adapt.py; torch backend). Its cost is in the time "
+         "estimate; `evaluate --compare` shows its effect.")
 @click.option("--bias", default="auto", show_default=True,
     help="auto (tune on out-of-fold predictions beside the members; left at 0 under --crf, whose output it "
          "would shift), none, or comma list per class.")
@@ -103,7 +107,7 @@ def cli(verbose: bool) -> None:
          "and scales.")
 @click.option("--tune-confidence", type=click.FloatRange(0.5, 0.999), default=0.95, show_default=True,
     help="A setting is adopted when the bootstrap lower bound of its OOF gain at this confidence is above 0.")
-def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, backend, precision, calib_data,
+def build(models, out, tta, scales, merge, weights, postprocess, crf, adapt, bias, backend, precision, calib_data,
           allow_int8, int8_min_agreement, max_mb, time_budget, test_tiles, check_data, single_file, device, max_members, tune,
           tune_data, tune_confidence):
     """Build solution.py + model.pth + manifest.json + submission.zip from member checkpoints."""
@@ -118,7 +122,8 @@ def build(models, out, tta, scales, merge, weights, postprocess, crf, bias, back
                      max_mb=max_mb, time_budget=time_budget, test_tiles=test_tiles, precision=precision, bias=b,
                      check_data=check_data, single_file=single_file, device=device, max_members=max_members,
                      tune=tune, tune_data=tune_data, tune_confidence=tune_confidence, calib_data=calib_data,
-                     int8_min_agreement=int8_min_agreement, allow_int8=allow_int8, crf=crf, echo=click.echo)
+                     int8_min_agreement=int8_min_agreement, allow_int8=allow_int8, crf=crf,
+                     adapt=None if adapt == "none" else adapt, echo=click.echo)
     except (BudgetError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(render_manifest(m))

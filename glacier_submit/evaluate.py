@@ -154,6 +154,8 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
     def run(label, overrides, members=None, rule_sets=None):
         pred = Predictor.from_payload(payload, device=device, overrides=overrides, members=members)
         t0 = time.perf_counter()
+        if pred.cfg.adapt == "bn":  # as the bundle does: on the tiles it is given, before predicting
+            pred.adapt_bn(lambda: iter(images.values()))
         probs = {k: pred.refine(pred.predict_proba(images[k]), images[k]) for k in keys}  # CRF as the bundle
         secs = (time.perf_counter() - t0) / max(len(keys), 1)
         for rs_label, rules in (rule_sets or [("", None)]):
@@ -173,6 +175,10 @@ def ablations(bundle: str, ds: CompetitionDataset, keys: Sequence[str], manifest
             rule_sets.append((f" - without {r['rule']}(class {r.get('class')})", rules[:i] + rules[i + 1:]))
     run("bundle as built", {}, rule_sets=rule_sets)
     run("bundle without bias", {"bias": None})
+    if base_inf.get("adapt") == "bn":
+        run("without batch-norm adaptation", {"adapt": None})
+    else:
+        run("with batch-norm adaptation (--adapt bn)", {"adapt": "bn"})
     if base_inf.get("crf"):
         run("without CRF", {"crf": None})
     else:

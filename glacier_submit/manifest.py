@@ -112,6 +112,7 @@ class Manifest:
     postprocess: List[Dict[str, Any]] = field(default_factory=list)
     postprocess_preset: Optional[str] = None
     crf: Optional[Dict[str, Any]] = None
+    adapt: Optional[str] = None                                      # "bn": test-time batch-norm adaptation
     tuning: Optional[Dict[str, Any]] = None                          # build --tune oof: decisions and tiles
     normalisation: Dict[str, Any] = field(default_factory=dict)      # member -> its statistics
     class_map: Dict[str, List[Any]] = field(default_factory=dict)
@@ -198,7 +199,7 @@ def render_manifest(m: Any) -> str:
 def _settings_line(m: Manifest) -> str:
     return (f"TTA {len(m.tta)} views ({', '.join(m.tta)}) x scales {m.scales}, merge {m.merge}, "
             f"post-processing {m.postprocess_preset or 'none'} ({len(m.postprocess)} rules)"
-            + (", CRF on" if m.crf else ""))
+            + (", CRF on" if m.crf else "") + (", batch-norm adaptation on the test tiles" if m.adapt else ""))
 
 
 def _bias_line(b: BiasInfo) -> str:

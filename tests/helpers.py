@@ -72,9 +72,11 @@ def make_tile(root: str, tid: str, h: int = 40, w: int = 44, dtype=np.float32, s
 
 
 def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "00_01"), val_tiles=("01_00",),
-                classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5, tile_sha256=None) -> str:
+                classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5, tile_sha256=None,
+                normalization: str = "fold") -> str:
     """A tiny member checkpoint in the training format, with random weights (no training).
-    ``tile_sha256`` (tile -> content fingerprint, see `fingerprints`) is recorded as training does."""
+    ``tile_sha256`` (tile -> content fingerprint, see `fingerprints`) is recorded as training does;
+    ``normalization`` is stored in its statistics as training stores data.normalization."""
     from glacier_runtime.classes import class_map
     from glacier_runtime.models import build_model
     from training.engine.checkpoint import FORMAT, save_atomic
@@ -90,6 +92,8 @@ def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
     stats = {"bands": ["B2", "B3", "B4", "B6", "B10"], "mean": [0.15, 0.15, 0.15, 0.15, 270.0],
              "std": [0.1, 0.1, 0.1, 0.08, 10.0], "lo": [0.0, 0.0, 0.0, 0.0, 200.0], "hi": [1.0, 1.0, 1.0, 1.0, 320.0]}
+    if normalization != "fold":
+        stats.update(mode=normalization, tile_percentiles=[2.0, 98.0])
     save_atomic({"format": FORMAT, "spec": spec, "state_dict": model.state_dict(), "sensor": "L8",
                  "bands": ["B2", "B3", "B4", "B6", "B10"], "stats": stats, "class_map": class_map(classes == 2),
                  "fold": fold, "seed": seed, "train_tiles": list(train_tiles), "val_tiles": list(val_tiles),

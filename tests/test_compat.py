@@ -38,6 +38,24 @@ def test_bundle_runs_under_py39_torch20(tiny_members, messy_test_data, tmp_path,
         assert np.array_equal(v, ref[k]), k
 
 
+@pytest.mark.parametrize("mode", ["tile_percentile", "tile_standard"])
+def test_adapt_bn_and_per_tile_normalisation_under_py39_torch20(messy_test_data, tmp_path, mode):
+    """build --adapt bn with a per-tile-normalised member: the same masks under the platform's
+    Python 3.9 / torch 2.0.1 as in process."""
+    from tests.helpers import make_member
+
+    w = make_member(str(tmp_path / "m.pt"), normalization=mode)
+    out = str(tmp_path / "adapt")
+    build([w], out, adapt="bn", bias="none", check_size=(64, 64))
+    res = run_bundle(out, messy_test_data, "imagepath", str(tmp_path / "m"), timeout=600, python=PY39)
+    assert res.ok, res.tail()
+    assert "re-estimated on" in res.stderr
+    ref = predict_folder(Predictor.from_payload(load_payload(os.path.join(out, "model.pth")), device="cpu"),
+                         messy_test_data, None, progress=False)
+    for k, v in res.masks.items():
+        assert np.array_equal(v, ref[k]), k
+
+
 def test_fp16_bundle_loads_under_torch20(tiny_members, messy_test_data, tmp_path):
     out = str(tmp_path / "b16")
     build(tiny_members, out, precision="fp16")

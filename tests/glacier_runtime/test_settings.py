@@ -10,7 +10,7 @@ from glacier_runtime.settings import InferenceSettings
 
 DEFAULTS = {"tta": "none", "scales": [1.0], "merge": "mean", "bias": None, "window": 1024, "block": 2048,
             "overlap": 0.25, "max_batch": "auto", "workers": "auto", "stride": 32, "postprocess": [],
-            "masked_background": True, "crf": None}
+            "masked_background": True, "crf": None, "adapt": None}
 
 
 def test_defaults():

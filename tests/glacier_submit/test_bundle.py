@@ -156,3 +156,26 @@ def test_build_tune_oof_records_decisions_and_tiles(oof_members, synth_data, tmp
     assert "--tune oof" in render_manifest(m) and any("re-predicted" in line for line in lines)
     man = json.load(open(tmp_path / "b" / "manifest.json"))
     assert man["tuning"]["decisions"] == tu["decisions"]
+
+
+def test_adapt_bn_bundle_adapts_on_the_platforms_tiles_and_matches_in_process(messy_test_data, tmp_path):
+    """build --adapt bn with a per-tile-normalised member: the sandboxed solution.py re-estimates
+    batch norm on the tiles it is given (masks equal the in-process adapted predictor, and differ
+    from the unadapted one); the manifest and the time estimate say so; ONNX is refused."""
+    w = make_member(str(tmp_path / "m.pt"), normalization="tile_percentile")
+    out = str(tmp_path / "adapt")
+    m = build([w], out, adapt="bn", bias="none", check_size=(64, 64))
+    assert m["adapt"] == "bn" and any("--adapt bn" in n and "time estimate" in n for n in m["notes"])
+    res = run_bundle(out, messy_test_data, "imagepath", str(tmp_path / "masks"), timeout=300)
+    assert res.ok, res.tail()
+    assert "batch-norm statistics of 1 member(s) re-estimated" in res.stderr
+    payload = load_payload(os.path.join(out, "model.pth"))
+    assert payload["inference"]["adapt"] == "bn" and payload["members"][0]["stats"]["mode"] == "tile_percentile"
+    ref = predict_folder(Predictor.from_payload(payload, device="cpu"), messy_test_data, None, progress=False)
+    plain = predict_folder(Predictor.from_payload(payload, device="cpu", overrides={"adapt": None}), messy_test_data,
+                           None, progress=False)
+    for tid, mask in res.masks.items():
+        assert np.array_equal(mask, ref[tid]), tid
+    assert any(not np.array_equal(ref[t], plain[t]) for t in ref)
+    with pytest.raises(ValueError, match="--adapt bn re-estimates batch norm"):
+        build([w], str(tmp_path / "onnx"), adapt="bn", backend="onnx")

@@ -109,6 +109,10 @@ def test_compare_ablations(eval_setup, tmp_path):
         assert abs(rows[name]["mcc"] - want) < 1e-9, name
         assert abs(rows[name]["delta_mcc"] - (want - base)) < 1e-9, name
     assert len({round(v["mcc"], 9) for v in r["ablations"]}) > 1  # the variants really differ
+    adapted = Predictor.from_payload(payload, device="cpu", overrides={"adapt": "bn"})
+    adapted.adapt_bn([ds.image(k) for k in ds.keys])  # on the evaluated tiles, as the bundle would
+    want = matthews_corrcoef(y, np.concatenate([adapted.predict_ids(ds.image(k)).ravel() for k in ds.keys]))
+    assert abs(rows["with batch-norm adaptation (--adapt bn)"]["mcc"] - want) < 1e-9
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ BUILT = {
              "oof_mcc_before": 0.5, "oof_mcc_after": 0.55},
     "tuned_on_tiles": {"bias": ["01_00", "00_00"]}, "tuned_on_sha256": {"bias": ["c" * 64, "d" * 64]},
     "postprocess": [{"rule": "min_area", "class": 3, "min_area": 12}], "postprocess_preset": "light",
-    "crf": None, "tuning": None,
+    "crf": None, "adapt": None, "tuning": None,
     "normalisation": {"fold0_seed1": {"mean": [0.1] * 5}}, "class_map": {"names": ["a", "b"], "values": [0, 255]},
     "bands": ["B2", "B3", "B4", "B6", "B10"],
     "runtime": {"backend": "torch", "precision": "fp16", "fp16_agreement": 0.999, "int8": None, "onnx_parity": {},
