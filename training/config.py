@@ -150,6 +150,19 @@ class AugmentConfig(_Strict):
     band_p: float = Field(0.5, ge=0, le=1)
     noise_std: float = Field(0.03, ge=0)
     noise_p: float = Field(0.3, ge=0, le=1)
+    # a regional shift in the sensor's units, before normalisation (training/data/shift.py): with
+    # probability shift_p a patch gets per-band gain (1 +- shift_gain), offset and gamma, haze and a
+    # thermal offset; offsets as shares of each band's range in the fold's statistics. 0 = off
+    shift_p: float = Field(0.0, ge=0, le=1)
+    shift_gain: float = Field(0.15, ge=0, lt=1)
+    shift_offset: float = Field(0.05, ge=0)
+    shift_gamma: float = Field(0.2, ge=0)
+    shift_haze: float = Field(0.05, ge=0)
+    shift_thermal: float = Field(0.05, ge=0)
+    # lake copy-paste: with this probability a patch with ice gets a lake (with lake_margin px of
+    # its surroundings) from another training tile, centred on a pixel of ice. 0 = off
+    lake_paste_p: float = Field(0.0, ge=0, le=1)
+    lake_margin: int = Field(3, ge=0, le=16)
 
 
 class ValidationConfig(_Strict):

@@ -26,9 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from glacier_runtime.classes import class_map
-from glacier_runtime.normalize import normalize
+from glacier_runtime.normalize import apply_stats, normalize, tile_stats
 from glacier_runtime.tiles import BAND_FOLDERS
 from training.data.augment import build_augment
+from training.data.shift import LakeBank, RadiometricShift
 from training.engine.checkpoint import FORMAT, code_version, load_state, save_atomic
 from training.config import Config
 from training.rundir import RunDir, member_name
@@ -136,12 +137,24 @@ class Trainer:
         if cfg.data.normalization != "fold":  # the fold's numbers stay: fallback and the build's check tile
             self.stats.update(mode=cfg.data.normalization, tile_percentiles=list(cfg.data.tile_percentiles))
         stats = self.stats
+        aug = cfg.augment
+        self.shift, self.norms, self.lakes = None, None, None
         if lazy:
+            if aug.shift_p or aug.lake_paste_p:
+                raise ValueError("augment.shift_p and augment.lake_paste_p need the tiles in memory; streamed data "
+                                 "(HKH) trains without them: set them to 0")
             self.images = LazyMap(self.train_keys, lambda k: normalize(ds.image(k), stats))
             self.labels = LazyMap(self.train_keys, ds.label)
+        elif aug.shift_p:  # raw tiles, normalised patch by patch after the shift
+            self.images = {k: ds.image(k) for k in self.train_keys}
+            self.norms = {k: tile_stats(v, stats) for k, v in self.images.items()}
+            self.shift = RadiometricShift.from_config(aug, stats, cfg.data.sensor, cfg.data.bands)
+            self.labels = {k: ds.label(k) for k in self.train_keys}
         else:
             self.images = {k: normalize(ds.image(k), stats) for k in self.train_keys}
             self.labels = {k: ds.label(k) for k in self.train_keys}
+        if aug.lake_paste_p:
+            self.setup_lakes()
         self.val_raw = {k: ds.image(k) for k in self.val_keys}
         self.val_labels = {k: ds.label(k) for k in self.val_keys}
         self.setup_class_weights(stats_keys)
@@ -152,6 +165,17 @@ class Trainer:
             self.class_names, warmup=max(t.warmup_epochs + 1, round(0.25 * t.epochs)), patience=3, fold=self.fold,
             seed=self.seed, targets=dict(cfg.sampler.targets) if cfg.sampler.mode == "balanced" else {},
             absent=list(self.sampler.absent))
+
+    def setup_lakes(self) -> None:
+        """The lake bank for copy-paste, from this fold's training tiles (normalised)."""
+        names = list(self.class_names)
+        if "lake" not in names:
+            log.warning("augment.lake_paste_p: no lake class in %s; lake copy-paste is off", names)
+            return
+        ice = [names.index(c) for c in ("glacier", "debris") if c in names]
+        images = self.images if self.shift is None else {k: apply_stats(v, self.norms[k]) for k, v in self.images.items()}
+        self.lakes = LakeBank.from_tiles(images, self.labels, names.index("lake"), ice, self.cfg.augment.lake_margin)
+        log.info("fold %d: %d lakes in the copy-paste bank", self.fold, len(self.lakes))
 
     def setup_class_weights(self, keys: Sequence[str]) -> None:
         """Class shares of the statistics tiles and the loss's class weights from them."""
@@ -253,7 +277,9 @@ class Trainer:
         rates = achieved_rates([p[3] for p in patches], self.n_classes)
         mine = shard(patches, ctx.rank, ctx.world)
         ds = PatchDataset(self.images, self.labels, mine, cfg.train.patch_size, self.n_classes, self.augment,
-                          boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch, rank=ctx.rank)
+                          boundary=cfg.loss.boundary > 0, seed=self.seed, epoch=epoch, rank=ctx.rank,
+                          shift=self.shift, norms=self.norms, mode=cfg.data.normalization,
+                          lakes=self.lakes, lake_p=cfg.augment.lake_paste_p)
         g = torch.Generator()
         g.manual_seed(self.seed * 1009 + epoch)
         order = torch.randperm(len(ds), generator=g).tolist()

@@ -426,3 +426,23 @@ def test_loader_workers_are_split_between_ranks(synth_data, tmp_path):
     t = Trainer(cfg, ds, ["img001"], [], 0, 0, str(tmp_path / "m.pt"), str(tmp_path / "w"),
                 DistContext(rank=0, world=2), progress=False)
     assert t.num_workers == split_cpus(2, 4)["loader_workers"] <= 2
+
+
+def test_robust_recipe_options_train_and_the_member_keeps_its_normalisation(synth_data, tmp_path):
+    """Per-tile normalisation, the radiometric shift, lake copy-paste and Lovasz + Tversky
+    together: a member trains, its statistics carry the mode the runtime applies, and its
+    validation score is the runtime's on those tiles."""
+    from glacier_runtime.normalize import tile_stats
+    from training.engine.checkpoint import load_checkpoint
+
+    tr = make_trainer(synth_data, tmp_path, **{
+        "data.normalization": "tile_percentile", "augment.shift_p": 1.0, "augment.lake_paste_p": 1.0,
+        "loss.lovasz": 0.3, "loss.tversky": 0.3, "train.epochs": 2})
+    res = tr.fit()
+    assert res["best_epoch"] in (0, 1)
+    ck = load_checkpoint(str(tmp_path / "fold0_seed0.pt"))
+    assert ck["stats"]["mode"] == "tile_percentile" and ck["stats"]["tile_percentiles"] == [2.0, 98.0]
+    assert tr.shift is not None and tr.lakes is not None
+    key = tr.train_keys[0]
+    assert tr.norms[key] == tile_stats(tr.images[key], ck["stats"])  # raw tiles, each with its own numbers
+    assert {"loss_lovasz", "loss_tversky"} <= set(ck["history"][-1])
