@@ -191,7 +191,7 @@ def render_manifest(m: Any) -> str:
         from glacier_submit.tuning.decisions import render_decision_rows
 
         lines += ["", f"--tune oof on {len(m.tuning['tiles'])} out-of-fold tiles ({m.tuning['method']}):"]
-        lines += render_decision_rows(m.tuning["decisions"])
+        lines += ([m.tuning["shift"]] if m.tuning.get("shift") else []) + render_decision_rows(m.tuning["decisions"])
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)
 

@@ -66,6 +66,7 @@ def load_members(paths: Sequence[str], notes: Optional[List[str]] = None) -> Lis
                 "tile_sha256": dict(ck.get("tile_sha256") or {}),
                 "bands": list(ck["bands"]), "class_map": ck["class_map"], "source": os.path.abspath(p),
                 "code_version": ck.get("code_version"), "sha": state_sha(ck["state_dict"]),
+                "fold_grouping": dict(ck.get("fold_grouping") or {}),
             },
         })
     if not entries:

@@ -60,9 +60,10 @@ class TuneResult:
     tiles: List[str]
     confidence: float
     n_boot: int
+    shift: str = ""          # what the OOF evidence can say about a regional shift (evidence.shift_statement)
 
     def manifest(self) -> Dict[str, Any]:
-        return {"method": f"pooled OOF MCC; adopted when the bootstrap ({self.n_boot} resamples of tiles) "
+        return {"shift": self.shift, "method": f"pooled OOF MCC; adopted when the bootstrap ({self.n_boot} resamples of tiles) "
                           f"lower bound of the gain at {self.confidence:.0%} confidence is > 0; fitted settings "
                           f"cross-fitted over folds",
                 "tiles": list(self.tiles), "settings": self.settings,
@@ -82,8 +83,8 @@ def render_decision_rows(decisions: Sequence[Mapping[str, Any]]) -> List[str]:
 
 
 def render_decisions(res: TuneResult) -> str:
-    """The table the build prints."""
-    return "\n".join(render_decision_rows([asdict(d) for d in res.decisions]))
+    """The table the build prints, under what its evidence can say about a regional shift."""
+    return "\n".join(([res.shift] if res.shift else []) + render_decision_rows([asdict(d) for d in res.decisions]))
 
 
 # ---- the state every decision reads and moves ---------------------------------------------------

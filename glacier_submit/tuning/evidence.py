@@ -3,7 +3,7 @@ bundle's own predictor to re-predict OOF tiles (TTA, scales) and refine them (CR
 check tile to measure what each candidate costs per tile."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,6 +16,30 @@ def read_member_oof(entries: Sequence[Mapping[str, Any]]) -> OOFSet:
     return read_oof([OOFMember.from_meta(e["name"], e["meta"]) for e in entries])
 
 
+#: fold groupings (glacier-train folds --grouping) that keep a region or mosaic in one fold
+GROUPED = {"grid": "grid ids in the names (mosaic blocks)", "georeferencing": "the files' georeferencing",
+           "file": "a groups file (--groups)", "edges": "mosaics rebuilt from edge continuity"}
+
+
+def shift_statement(entries: Sequence[Mapping[str, Any]]) -> Tuple[bool, str]:
+    """(grouped, line): whether the members' folds kept each group (region or mosaic) in one
+    fold, so their OOF predictions are out-of-group, and a line that says so, or warns that
+    the evidence cannot see a regional shift."""
+    methods = {(e["meta"].get("fold_grouping") or {}).get("method") for e in entries}
+    details = sorted({(e["meta"].get("fold_grouping") or {}).get("detail") or "" for e in entries} - {""})
+    if len(methods) == 1 and next(iter(methods)) in GROUPED:
+        m = next(iter(methods))
+        return True, (f"evidence: out-of-group OOF predictions (folds grouped by {GROUPED[m]}"
+                      + (f"; {details[0]}" if details else "") + "): every tile was predicted by members that saw "
+                      "none of its group, so a shift between groups is in this evidence; a shift to a region unlike "
+                      "all of them is not")
+    known = ", ".join(sorted(str(m) for m in methods if m)) or "not recorded"
+    return False, (f"WARNING: the members' folds were not grouped by region or mosaic (grouping: {known}): "
+                   "out-of-fold tiles have neighbours in the training folds, so this evidence cannot see a regional "
+                   "shift and gains may not carry to the unseen region. Make the folds with `glacier-train folds "
+                   "--grouping auto` (or --groups FILE of regions) and retrain")
+
+
 class BuildEvidence:
     """Cost, re-prediction and CRF for the tuner, on the members of ``payload``.
 
@@ -26,6 +50,7 @@ class BuildEvidence:
                  device: str, presets: Mapping[str, List[Dict[str, Any]]], tune_data: Optional[str] = None,
                  echo: Callable[[str], None] = lambda s: None):
         self.oof = read_member_oof(entries)
+        self.entries = list(entries)
         if not self.oof.keys:
             raise ValueError("--tune oof needs the out-of-fold predictions `glacier-train cv` writes beside the "
                              "members (weights/oof/<member>/ and weights/oof/labels/); none were found for "
@@ -107,6 +132,8 @@ class BuildEvidence:
         from glacier_submit.tuning.decisions import tune
 
         have_data = self.ds is not None
-        return tune(self.oof, self.n_classes, predict=self.predict if have_data else None, cost=self.cost,
-                    time_budget=time_budget, presets=self.presets, confidence=confidence, n_boot=n_boot,
-                    refine=self.refine if have_data else None)
+        res = tune(self.oof, self.n_classes, predict=self.predict if have_data else None, cost=self.cost,
+                   time_budget=time_budget, presets=self.presets, confidence=confidence, n_boot=n_boot,
+                   refine=self.refine if have_data else None)
+        res.shift = shift_statement(self.entries)[1]
+        return res

@@ -156,6 +156,9 @@ def test_build_tune_oof_records_decisions_and_tiles(oof_members, synth_data, tmp
     assert "--tune oof" in render_manifest(m) and any("re-predicted" in line for line in lines)
     man = json.load(open(tmp_path / "b" / "manifest.json"))
     assert man["tuning"]["decisions"] == tu["decisions"]
+    # these members record no fold grouping: the tuner says its evidence cannot see a regional shift
+    assert tu["shift"].startswith("WARNING: the members' folds were not grouped") and "not recorded" in tu["shift"]
+    assert "cannot see a regional shift" in render_manifest(m) and any("cannot see a regional" in x for x in lines)
 
 
 def test_adapt_bn_bundle_adapts_on_the_platforms_tiles_and_matches_in_process(messy_test_data, tmp_path):

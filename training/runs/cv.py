@@ -237,7 +237,8 @@ def _fit_member(run: CvRun, prep: _Prepared, ctx, fold: int, seed: int, init_sta
     return Trainer(prep.cfg, prep.dataset, train_keys, val_keys, fold, seed, rd.member(fold, seed),
                    rd.work_dir(member_name(fold, seed)), ctx, init_state=init_state,
                    progress=run.progress and run.worker is None, members_after=members_after, worker=run.worker,
-                   loader_workers=run.loader_workers, callbacks=callbacks).fit()
+                   loader_workers=run.loader_workers, callbacks=callbacks,
+                   extra_meta={"fold_grouping": dict(prep.folds.get("grouping") or {})}).fit()
 
 
 def _train_jobs(run: CvRun, prep: _Prepared, ctx, echo: Echo, train: bool, callbacks: Sequence[Any],

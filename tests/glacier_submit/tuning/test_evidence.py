@@ -40,3 +40,24 @@ def test_read_member_oof_from_payload_entries(tmp_path):
         assert np.array_equal(oof.probs[name][k], p)
         assert np.array_equal(oof.labels[k], labels[k])
     assert read_member_oof([{"name": "x", "meta": {"source": str(tmp_path / "none" / "x.pt"), "fold": 0}}]).keys == []
+
+
+def _entry(method, detail=""):
+    grouping = {"method": method, "detail": detail} if method else {}
+    return {"name": "m", "meta": {"fold_grouping": grouping}}
+
+
+@pytest.mark.parametrize("method", ["grid", "georeferencing", "file", "edges"])
+def test_grouped_folds_make_out_of_group_evidence(method):
+    from glacier_submit.tuning.evidence import shift_statement
+
+    grouped, line = shift_statement([_entry(method, "5 groups"), _entry(method, "5 groups")])
+    assert grouped and line.startswith("evidence: out-of-group OOF predictions") and "5 groups" in line
+
+
+@pytest.mark.parametrize("entries", [[_entry("none")], [_entry(None)], [_entry("grid"), _entry("none")]])
+def test_ungrouped_or_mixed_folds_are_warned_about(entries):
+    from glacier_submit.tuning.evidence import shift_statement
+
+    grouped, line = shift_statement(entries)
+    assert not grouped and "cannot see a regional shift" in line and "--grouping auto" in line

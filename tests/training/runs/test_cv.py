@@ -38,6 +38,7 @@ def test_cv_outputs(uninterrupted, folds_file, synth_data):
     assert ck["stats"]["bands"] == ["B2", "B3", "B4", "B6", "B10"] and len(ck["stats"]["mean"]) == 5
     assert ck["class_map"]["values"] == [0, 85, 170, 255]
     assert "optimizer" not in ck  # members are lean; optimiser state lives only in last.pt
+    assert ck["fold_grouping"] == folds.get("grouping", {})  # what `build --tune oof` reads about its evidence
     summary = json.load(open(os.path.join(out, "cv_summary.json")))
     assert summary["members"][0]["fold"] == 0 and summary["oof_mcc"] is not None
     for key in ck["val_tiles"]:
