@@ -39,9 +39,10 @@ def run(cmd: Sequence[str], log: Optional[str] = None) -> str:
     return r.stdout
 
 
-def pool(sources: Mapping[str, str], out: str) -> Dict[str, str]:
+def pool(sources: Mapping[str, str], out: str, limit: Optional[int] = None) -> Dict[str, str]:
     """A competition-layout folder holding the tiles of several folders (symlinks), each
-    renamed ``<source>_<name>`` so names stay unique; returns {new key: source name}."""
+    renamed ``<source>_<name>`` so names stay unique (the first ``limit`` tiles of each
+    source when given); returns {new key: source name}."""
     shutil.rmtree(out, ignore_errors=True)
     owner = {}
     for name, folder in sources.items():
@@ -50,7 +51,7 @@ def pool(sources: Mapping[str, str], out: str) -> Dict[str, str]:
             if not os.path.isdir(src):
                 continue
             os.makedirs(os.path.join(out, sub), exist_ok=True)
-            for f in sorted(os.listdir(src)):
+            for f in sorted(os.listdir(src))[:limit]:
                 os.symlink(os.path.abspath(os.path.join(src, f)), os.path.join(out, sub, f"{name}_{f}"))
                 owner[f"{name}_{os.path.splitext(f)[0]}"] = name
     return owner
