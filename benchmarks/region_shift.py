@@ -102,6 +102,8 @@ OPTIONS = {
     "lovasz_tversky": {"sets": ["loss.lovasz=0.3", "loss.tversky=0.3"]},
     # the best-placed teams: one model on one split, per-tile 2-98 % percentiles, Lovasz + Tversky,
     # no TTA, plain argmax
+    # HKH pre-training (a fake HKH set from the generator: `glacier-train synth-hkh`), then cv --init-from
+    "hkh": {"init": "hkh"},
     "teams": {"sets": ["data.normalization=tile_percentile", "loss.focal=0", "loss.dice=0", "loss.mcc=0",
                        "loss.boundary=0", "loss.lovasz=0.5", "loss.tversky=0.5"], "folds": [0],
               "build": ["--bias", "none", "--tta", "none", "--postprocess", "none"]},
@@ -120,8 +122,9 @@ def option_bundle(work: str, region: str, name: str, a, ctx: dict) -> dict:
     if "reuse" not in opt:
         sets = [x for s in a.sets + opt.get("sets", []) for x in ("--set", s)]
         folds = [x for f in (opt.get("folds") or []) for x in ("--fold", str(f))]
+        init = ["--init-from", hkh_start(work, a)] if opt.get("init") == "hkh" else []
         run(tool("glacier-train") + ["cv", "--config", a.config, "--data", ctx["train"], "--folds", ctx["folds"],
-                                     "--out", weights, "--no-progress", *folds, *sets], log)
+                                     "--out", weights, "--no-progress", *folds, *init, *sets], log)
     train_s = time.time() - t0
     bundle = os.path.join(d, "bundle")
     flags = [f.format(train=ctx["train"]) for f in a.build + opt.get("build", [])]
@@ -132,6 +135,28 @@ def option_bundle(work: str, region: str, name: str, a, ctx: dict) -> dict:
     man = json.load(open(os.path.join(bundle, "manifest.json")))
     return {"cms": tile_scores(os.path.join(report, "_masks"), ctx["target"]), "train_seconds": round(train_s),
             "seconds_per_tile": man["timing"]["tile_s"], "members": len(man["members"]), "bundle": bundle}
+
+
+def hkh_start(work: str, a) -> str:
+    """One HKH pre-training for every region: a fake HKH set (`glacier-train synth-hkh`), then
+    `glacier-train pretrain` with the HKH config shrunk to the recipe's model and budget (the
+    same encoder and decoder, so cv --init-from loads it). Skipped when already written."""
+    d = os.path.join(work, "hkh")
+    out = os.path.join(d, "hkh.pt")
+    if os.path.exists(out):
+        return out
+    log = os.path.join(d, "commands.log")
+    os.makedirs(d, exist_ok=True)
+    run(tool("glacier-train") + ["synth-hkh", "--out", os.path.join(d, "data"), "--train", str(a.hkh_patches),
+                                 "--val", "16", "--size", "128", "--seed", str(a.seed)], log)
+    shrink = ["model.encoder=resnet18", "model.decoder_channels=[64,32,24,16,16]", "model.decoder_attention_type=null",
+              "train.batch_size=8", "train.patch_size=128", "train.patches_per_epoch=128", "train.num_workers=0",
+              "train.ema=0.9", "train.warmup_epochs=1", "train.early_stopping=0", "stats_sample=64",
+              *[s for s in a.sets if s.startswith("train.epochs")]]
+    run(tool("glacier-train") + ["pretrain", "--config", os.path.join(ROOT, "configs", "hkh_pretrain_t4x2.yaml"),
+                                 "--data", os.path.join(d, "data"), "--out", out, "--device", "cpu", "--no-progress",
+                                 *[x for s in shrink for x in ("--set", s)]], log)
+    return out
 
 
 def single_members(bundle: str, target: str) -> list:
@@ -255,6 +280,7 @@ def main() -> None:
     ap.add_argument("--held-out", nargs="*", default=None, help="only these held-out regions (default: every one)")
     ap.add_argument("--tiles", type=int, default=12, help="tiles per region")
     ap.add_argument("--train-tiles", type=int, default=None, help="use only the first N tiles of each training region")
+    ap.add_argument("--hkh-patches", type=int, default=256, help="fake HKH patches for the hkh option's pre-training")
     ap.add_argument("--options", nargs="*", default=None,
                     help=f"judge these options of the robust recipe (or 'all': {', '.join(OPTIONS)}) against the recipe")
     ap.add_argument("--size", type=int, default=512)

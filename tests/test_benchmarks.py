@@ -63,3 +63,21 @@ def test_region_shift_script(tmp_path):
     (row,) = r["rows"]
     assert row["region"] == "khumbu" and row["train_regions"] == ["lahaul"]
     assert set(row["cnn_held_out"]["per_class"]) == {"background", "glacier", "debris", "lake"}
+
+
+@pytest.mark.slow
+def test_region_shift_options_script(tmp_path):
+    """--options: each option beside the recipe on the same held-out tiles, a build-only option
+    reusing the recipe's weights, gains with intervals, the ensemble against single members."""
+    r = _run(["benchmarks/region_shift.py", "--work", str(tmp_path / "w"), "--regions", "khumbu", "lahaul",
+              "--held-out", "khumbu", "--tiles", "4", "--size", "64", "--k", "2", "--block", "1", "--set", "train.epochs=1",
+              "--set", "train.patch_size=64", "--set", "train.patches_per_epoch=8",
+              "--options", "adapt_bn", "lovasz_tversky"], tmp_path)
+    (row,) = r["rows"]
+    assert list(row["options"]) == ["recipe", "adapt_bn", "lovasz_tversky"]
+    assert row["options"]["recipe"]["gain"][0] == 0.0 and row["held_out_tiles"] == 4
+    assert row["options"]["adapt_bn"]["train_seconds"] < row["options"]["recipe"]["train_seconds"]  # reused weights
+    lo, hi = r["summary"]["lovasz_tversky"]["ci90"]
+    assert lo <= r["summary"]["lovasz_tversky"]["mean_gain"] <= hi
+    vals = [m["mcc"] for m in row["single_members"]]
+    assert len(vals) == 2 and abs(row["single_mean"] - sum(vals) / 2) < 1e-4

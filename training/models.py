@@ -71,7 +71,8 @@ def named_cache_files(encoder: str, name: str) -> Tuple[str, ...]:
     if "repo_id" in st:
         from huggingface_hub import constants
 
-        snap = os.path.join(constants.HF_HUB_CACHE, "models--" + st["repo_id"].replace("/", "--"), "snapshots",
+        cache = getattr(constants, "HF_HUB_CACHE", None) or constants.HUGGINGFACE_HUB_CACHE
+        snap = os.path.join(cache, "models--" + st["repo_id"].replace("/", "--"), "snapshots",
                             str(st.get("revision") or "main"))
         return os.path.join(snap, "config.json"), os.path.join(snap, "model.safetensors")
     return (os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(st["url"])),)
