@@ -93,6 +93,13 @@ class TorchRunner:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def can_adapt(self) -> bool:
+        """Whether batch norm is there to adapt (not folded away without an unfolded copy)."""
+        from .adapt import batchnorm_layers
+
+        return bool(batchnorm_layers(self.source if self.source is not None else self.model))
+
     def adapt_bn(self, inputs) -> int:
         """Batch-norm statistics re-estimated on ``inputs`` ((1, C, H, W) normalised tensors),
         see glacier_runtime/adapt.py; returns the inputs used (0 when the model has no batch
@@ -102,8 +109,10 @@ class TorchRunner:
         target = self.source if self.source is not None else self.model
         target = target.to(self.device)
         n = adapt_batchnorm(target, (x.to(self.device) for x in inputs))
-        if n and self.source is not None:
-            self.model = self._prepare(copy.deepcopy(self.source))
+        if self.source is not None:
+            if n:
+                self.model = self._prepare(copy.deepcopy(self.source))
+            self.source = self.source.cpu()  # the unfolded copy waits on the CPU, not in GPU memory
         return n
 
     @torch.no_grad()

@@ -129,7 +129,7 @@ def _adapt(predictor, tiles) -> None:
         predictor.adapt_bn(images)
         log.info("batch-norm adaptation took %.1f s", time.time() - t0)
     except Exception as exc:  # noqa: BLE001 - adaptation is an improvement, never a reason to fail
-        log.error("batch-norm adaptation failed (%s); predicting with the trained statistics", exc)
+        log.error("batch-norm adaptation stopped (%s); members not adapted keep their trained statistics", exc)
 
 
 def _prepare_out(out_dir: Optional[str]) -> None:

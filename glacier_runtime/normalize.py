@@ -53,7 +53,7 @@ def tile_stats(image: np.ndarray, stats: Mapping[str, Any]) -> Mapping[str, Any]
     out: Dict[str, list] = {"mean": [], "std": [], "lo": [], "hi": []}
     for b in range(image.shape[0]):
         v = image[b][keep]
-        v = v[np.isfinite(v)].astype(np.float64)
+        v = v[np.isfinite(v)]
         if v.size == 0:  # nothing valid (a fully masked tile): the fold's numbers
             for key in out:
                 out[key].append(float(stats[key][b]))
@@ -63,7 +63,7 @@ def tile_stats(image: np.ndarray, stats: Mapping[str, Any]) -> Mapping[str, Any]
             mean, std = lo, hi - lo
         else:
             c = np.clip(v, lo, hi)
-            mean, std = c.mean(), c.std()
+            mean, std = c.mean(dtype=np.float64), c.std(dtype=np.float64)
         out["lo"].append(float(lo))
         out["hi"].append(float(hi))
         out["mean"].append(float(mean))

@@ -98,48 +98,70 @@ class Predictor:
             entries = [entries[i] for i in members]
         inference = InferenceSettings.from_dict({**(payload.get("inference") or {}), **(overrides or {})})
         adapt = inference.adapt == "bn"
-        if adapt and backend == "auto":
-            backend = "torch" if all(e.get("state_dict") for e in entries) else backend
-        built = [member_from_entry(e, device, backend, adaptable=adapt) for e in entries]
+        # adaptation needs the torch model: a member with its state dict runs torch under auto
+        built = [member_from_entry(e, device, "torch" if adapt and backend == "auto" and e.get("state_dict") else backend,
+                                   adaptable=adapt) for e in entries]
         values = payload.get("class_map", {}).get("values", CLASS_VALUES)
         return cls(built, inference, values)
 
     def adapt_bn(self, tiles) -> int:
         """Test-time adaptation (``adapt: bn``): each member's batch-norm statistics
         re-estimated on ``tiles`` (raw (C, H, W) arrays, normalised and padded as for
-        prediction; windows of tiles larger than ``window``); fully masked tiles are skipped.
-        ``tiles`` is a list, or a function returning a fresh iterator of them (read again
-        for each member, so they need not all be in memory). Returns the tiles used. A
-        member that cannot adapt (an ONNX graph) is warned about and keeps its statistics."""
-        def valid():
-            for t in (tiles() if callable(tiles) else tiles):
-                if not masked_pixels(t).all():
-                    yield t
-
-        count = sum(1 for _ in valid())
-        if not count:
-            log.warning("batch-norm adaptation: no test tile with valid pixels; trained statistics kept")
-            return 0
+        prediction; windows of tiles larger than ``window``; see glacier_runtime/adapt.py).
+        ``tiles`` is a list, or a function returning a fresh iterator of them (read once per
+        member, so they need not all be in memory). Skipped: fully masked tiles and windows,
+        and tiles too small for the deepest batch norm (one value per channel after the
+        network's stride). A member that cannot adapt (an ONNX graph) or fails keeps its
+        trained statistics, with a warning naming it; the others adapt. Returns the tiles used."""
+        if callable(tiles):
+            source = tiles
+        else:
+            kept = list(tiles)
+            source = lambda: iter(kept)  # noqa: E731
         stride = int(self.cfg.stride)
         window = max(stride, int(self.cfg.window) // stride * stride)
+        adapted, used_tiles = [], 0
         for m in self.members:
             if not hasattr(m.runner, "adapt_bn"):
                 log.warning("member %s runs an ONNX graph: batch-norm adaptation skipped for it", m.name)
                 continue
+            if not m.runner.can_adapt:
+                log.warning("member %s: batch-norm adaptation skipped (no batch norm left to adapt: folded)", m.name)
+                continue
+            seen = {"tiles": 0}
 
-            def inputs(member=m):
-                for t in valid():
+            def inputs(member=m, seen=seen):
+                for t in source():
                     raw, _ = pad_to_multiple(t, stride)
+                    if masked_pixels(t).all() or (raw.shape[1] // stride) * (raw.shape[2] // stride) < 2:
+                        continue
                     norm = tile_stats(t, member.stats)
+                    fed = False
                     for (y0, x0, wh, ww) in plan_windows(raw.shape[1], raw.shape[2], window, 0.0):
-                        x = apply_stats(raw[:, y0:y0 + wh, x0:x0 + ww], norm)
-                        yield torch.from_numpy(np.ascontiguousarray(x))[None]
+                        win = raw[:, y0:y0 + wh, x0:x0 + ww]
+                        if not (np.isfinite(win).all(axis=0) & ~masked_pixels(win)).any():
+                            continue  # nothing valid in this window
+                        fed = True
+                        yield torch.from_numpy(np.ascontiguousarray(apply_stats(win, norm)))[None]
+                    seen["tiles"] += int(fed)
 
-            used = m.runner.adapt_bn(inputs())
+            try:
+                used = m.runner.adapt_bn(inputs())
+            except Exception as exc:  # noqa: BLE001 - one member's failure must not stop the others
+                log.warning("member %s: batch-norm adaptation failed (%s); it keeps its trained statistics", m.name, exc)
+                continue
             if not used:
-                log.warning("member %s has no batch norm to adapt (folded): adaptation skipped for it", m.name)
-        log.info("batch-norm statistics of %d member(s) re-estimated on %d test tile(s)", len(self.members), count)
-        return count
+                log.warning("member %s: batch-norm adaptation skipped (no test tile with valid pixels large enough)",
+                            m.name)
+                continue
+            adapted.append(m.name)
+            used_tiles = seen["tiles"]
+        if adapted:
+            log.info("batch-norm statistics of %d of %d member(s) re-estimated on %d test tile(s)", len(adapted),
+                     len(self.members), used_tiles)
+        else:
+            log.warning("batch-norm adaptation: no member adapted; trained statistics kept")
+        return used_tiles
 
     @property
     def n_forward_views(self) -> int:
@@ -350,7 +372,7 @@ class Predictor:
         ids = np.zeros((H, W), np.uint8)
         mems = self.members if members is None else members
         norms = self.tile_norms(image, mems)  # the whole tile's numbers, not each block's
-        first = tile_stats(image, self.members[0].stats)
+        first = tile_stats(image, self.members[0].stats) if self.crf is not None else None
         for y0 in range(0, H, block):
             for x0 in range(0, W, block):
                 y1, x1 = min(H, y0 + block), min(W, x0 + block)

@@ -147,9 +147,9 @@ def check_options(o: BuildOptions, p: BuildPlan) -> BuildPlan:
     if o.adapt not in (None, "none", "bn"):
         raise ValueError(f"--adapt must be none or bn, got {o.adapt!r}")
     if o.adapt == "bn":
-        if p.int8 or o.backend == "onnx":
+        if p.int8 or o.backend == "onnx" or o.allow_int8:
             raise ValueError("--adapt bn re-estimates batch norm inside the torch model; an ONNX graph has it folded "
-                             "in: build with --backend torch (or auto) and without --precision int8")
+                             "in: build with --backend torch (or auto) and without --precision int8 / --allow-int8")
         p.backend = "torch"
     if p.int8:
         p.backend = quantize.int8_backend(o.backend, o.calib, p.notes)

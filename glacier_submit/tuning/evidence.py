@@ -16,28 +16,35 @@ def read_member_oof(entries: Sequence[Mapping[str, Any]]) -> OOFSet:
     return read_oof([OOFMember.from_meta(e["name"], e["meta"]) for e in entries])
 
 
-#: fold groupings (glacier-train folds --grouping) that keep a region or mosaic in one fold
-GROUPED = {"grid": "grid ids in the names (mosaic blocks)", "georeferencing": "the files' georeferencing",
-           "file": "a groups file (--groups)", "edges": "mosaics rebuilt from edge continuity"}
+#: fold groupings (glacier-train folds --grouping) that know where tiles lay: the spatial ones
+#: keep the tiles of one block x block cell of a mosaic in one fold; a groups file keeps each of
+#: its groups (regions, when the user made them so) in one fold
+SPATIAL = {"grid": "grid ids in the names", "georeferencing": "the files' georeferencing",
+           "edges": "mosaics rebuilt from edge continuity"}
 
 
 def shift_statement(entries: Sequence[Mapping[str, Any]]) -> Tuple[bool, str]:
-    """(grouped, line): whether the members' folds kept each group (region or mosaic) in one
-    fold, so their OOF predictions are out-of-group, and a line that says so, or warns that
-    the evidence cannot see a regional shift."""
+    """(grouped, line): whether the members' folds were grouped (a groups file, or spatial
+    blocks of a mosaic), with a line saying what their OOF evidence can see of a shift, or a
+    warning that it cannot see a regional shift."""
     methods = {(e["meta"].get("fold_grouping") or {}).get("method") for e in entries}
     details = sorted({(e["meta"].get("fold_grouping") or {}).get("detail") or "" for e in entries} - {""})
-    if len(methods) == 1 and next(iter(methods)) in GROUPED:
-        m = next(iter(methods))
-        return True, (f"evidence: out-of-group OOF predictions (folds grouped by {GROUPED[m]}"
-                      + (f"; {details[0]}" if details else "") + "): every tile was predicted by members that saw "
-                      "none of its group, so a shift between groups is in this evidence; a shift to a region unlike "
-                      "all of them is not")
+    detail = f"; {details[0]}" if details else ""
+    method = next(iter(methods)) if len(methods) == 1 else None
+    if method == "file":
+        return True, (f"evidence: folds grouped by a groups file (--groups{detail}): every out-of-fold tile was "
+                      "predicted by members that saw none of its group, so when the groups are regions a shift "
+                      "between those regions is in this evidence; a shift to a region unlike all of them is not")
+    if method in SPATIAL:
+        return True, (f"evidence: spatially blocked folds ({SPATIAL[method]}{detail}): out-of-fold tiles were "
+                      "predicted by members that saw none of their block, so a shift across the mosaic is in this "
+                      "evidence, but not a shift to another region. For that, make the folds with --groups FILE "
+                      "naming each tile's region")
     known = ", ".join(sorted(str(m) for m in methods if m)) or "not recorded"
     return False, (f"WARNING: the members' folds were not grouped by region or mosaic (grouping: {known}): "
                    "out-of-fold tiles have neighbours in the training folds, so this evidence cannot see a regional "
                    "shift and gains may not carry to the unseen region. Make the folds with `glacier-train folds "
-                   "--grouping auto` (or --groups FILE of regions) and retrain")
+                   "--groups FILE` (each tile's region) or `--grouping auto` (spatial blocks), and retrain")
 
 
 class BuildEvidence:

@@ -171,7 +171,7 @@ def test_adapt_bn_bundle_adapts_on_the_platforms_tiles_and_matches_in_process(me
     assert m["adapt"] == "bn" and any("--adapt bn" in n and "time estimate" in n for n in m["notes"])
     res = run_bundle(out, messy_test_data, "imagepath", str(tmp_path / "masks"), timeout=300)
     assert res.ok, res.tail()
-    assert "batch-norm statistics of 1 member(s) re-estimated" in res.stderr
+    assert "batch-norm statistics of 1 of 1 member(s) re-estimated" in res.stderr
     payload = load_payload(os.path.join(out, "model.pth"))
     assert payload["inference"]["adapt"] == "bn" and payload["members"][0]["stats"]["mode"] == "tile_percentile"
     ref = predict_folder(Predictor.from_payload(payload, device="cpu"), messy_test_data, None, progress=False)
@@ -180,5 +180,6 @@ def test_adapt_bn_bundle_adapts_on_the_platforms_tiles_and_matches_in_process(me
     for tid, mask in res.masks.items():
         assert np.array_equal(mask, ref[tid]), tid
     assert any(not np.array_equal(ref[t], plain[t]) for t in ref)
-    with pytest.raises(ValueError, match="--adapt bn re-estimates batch norm"):
-        build([w], str(tmp_path / "onnx"), adapt="bn", backend="onnx")
+    for bad in ({"backend": "onnx"}, {"allow_int8": True, "time_budget": 1.0, "calib_data": messy_test_data}):
+        with pytest.raises(ValueError, match="--adapt bn re-estimates batch norm"):
+            build([w], str(tmp_path / "onnx"), adapt="bn", **bad)

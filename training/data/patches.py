@@ -26,7 +26,8 @@ class PatchDataset(Dataset):
                  lakes=None, lake_p: float = 0.0):
         """``shift`` (training/data/shift.py): ``images`` are raw, each patch is shifted (or
         not) and normalised with its tile's ``norms`` moved through the shift. ``lakes``: a
-        LakeBank pasted into a patch with probability ``lake_p``."""
+        LakeBank (in the units of ``images``) pasted into a patch with probability ``lake_p``,
+        before the shift, so a pasted lake is shifted with its new surroundings."""
         self.images, self.labels, self.patches = images, labels, patches
         self.patch, self.n_classes = patch, n_classes
         self.augment, self.boundary = augment, boundary
@@ -54,6 +55,8 @@ class PatchDataset(Dataset):
             y = np.pad(y, ((0, ph), (0, pw)), mode="reflect" if min(y.shape) > 1 else "edge")
         if self.shift is not None or (self.lakes is not None and self.lake_p):
             rng = np.random.default_rng(self._seed(i))
+            if self.lakes is not None and self.lake_p and rng.random() < self.lake_p:
+                x, y = self.lakes.paste(x, y, rng)  # in the images' own units: raw under a shift
             if self.shift is not None:
                 prm = self.shift.sample(rng)
                 norm = self.norms[key]
@@ -61,8 +64,6 @@ class PatchDataset(Dataset):
                     x = self.shift.apply(x, prm)
                     norm = self.shift.stats_after(norm, prm, self.mode)
                 x = apply_stats(x, norm)
-            if self.lakes is not None and self.lake_p and rng.random() < self.lake_p:
-                x, y = self.lakes.paste(x, y, rng)
         x = np.ascontiguousarray(x.transpose(1, 2, 0))
         y = np.ascontiguousarray(y)
         if self.augment is not None:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glacier_runtime.classes import class_map
-from glacier_runtime.normalize import apply_stats, normalize, tile_stats
+from glacier_runtime.normalize import normalize, tile_stats
 from glacier_runtime.tiles import BAND_FOLDERS
 from training.data.augment import build_augment
 from training.data.shift import LakeBank, RadiometricShift
@@ -167,14 +167,14 @@ class Trainer:
             absent=list(self.sampler.absent))
 
     def setup_lakes(self) -> None:
-        """The lake bank for copy-paste, from this fold's training tiles (normalised)."""
+        """The lake bank for copy-paste, from this fold's training tiles, in their units here
+        (raw under the radiometric shift, which then shifts a pasted lake with its patch)."""
         names = list(self.class_names)
         if "lake" not in names:
             log.warning("augment.lake_paste_p: no lake class in %s; lake copy-paste is off", names)
             return
         ice = [names.index(c) for c in ("glacier", "debris") if c in names]
-        images = self.images if self.shift is None else {k: apply_stats(v, self.norms[k]) for k, v in self.images.items()}
-        self.lakes = LakeBank.from_tiles(images, self.labels, names.index("lake"), ice, self.cfg.augment.lake_margin)
+        self.lakes = LakeBank.from_tiles(self.images, self.labels, names.index("lake"), ice, self.cfg.augment.lake_margin)
         log.info("fold %d: %d lakes in the copy-paste bank", self.fold, len(self.lakes))
 
     def setup_class_weights(self, keys: Sequence[str]) -> None:

@@ -47,12 +47,20 @@ def _entry(method, detail=""):
     return {"name": "m", "meta": {"fold_grouping": grouping}}
 
 
-@pytest.mark.parametrize("method", ["grid", "georeferencing", "file", "edges"])
-def test_grouped_folds_make_out_of_group_evidence(method):
+@pytest.mark.parametrize("method", ["grid", "georeferencing", "edges"])
+def test_spatial_blocks_see_a_shift_across_the_mosaic_not_to_another_region(method):
     from glacier_submit.tuning.evidence import shift_statement
 
     grouped, line = shift_statement([_entry(method, "5 groups"), _entry(method, "5 groups")])
-    assert grouped and line.startswith("evidence: out-of-group OOF predictions") and "5 groups" in line
+    assert grouped and line.startswith("evidence: spatially blocked folds") and "5 groups" in line
+    assert "not a shift to another region" in line and "--groups FILE" in line
+
+
+def test_a_groups_file_makes_out_of_group_evidence():
+    from glacier_submit.tuning.evidence import shift_statement
+
+    grouped, line = shift_statement([_entry("file", "4 regions")])
+    assert grouped and line.startswith("evidence: folds grouped by a groups file") and "4 regions" in line
 
 
 @pytest.mark.parametrize("entries", [[_entry("none")], [_entry(None)], [_entry("grid"), _entry("none")]])
@@ -60,4 +68,4 @@ def test_ungrouped_or_mixed_folds_are_warned_about(entries):
     from glacier_submit.tuning.evidence import shift_statement
 
     grouped, line = shift_statement(entries)
-    assert not grouped and "cannot see a regional shift" in line and "--grouping auto" in line
+    assert not grouped and "cannot see a regional shift" in line and "--groups FILE" in line
