@@ -223,6 +223,10 @@ def test_cv_refuses_before_reading_data(tmp_path, monkeypatch, kind):
         raise AssertionError("data read before the config was validated")
 
     monkeypatch.setattr(comp, "CompetitionDataset", _no_data)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     weights = "imagenet" if kind == "imagenet" else encoder_file(tmp_path, 3)[0]
     cfg = _cfg_file(tmp_path, {"encoder_weights": weights})
     data = tmp_path / "data"
@@ -232,7 +236,8 @@ def test_cv_refuses_before_reading_data(tmp_path, monkeypatch, kind):
     r = CliRunner().invoke(cv_command, ["--config", cfg, "--data", str(data), "--folds", str(folds),
                                         "--out", str(tmp_path / "w"), "--device", "cpu", "--no-progress"])
     assert r.exit_code != 0 and not opened
-    assert ("RGB filters do not match" if kind == "imagenet" else "made for 3 input bands") in r.output, r.output
+    # imagenet with an empty cache (HF_HUB_OFFLINE in the test): the cache files to fill, before any data
+    assert ("not in the cache and cannot be downloaded" if kind == "imagenet" else "made for 3 input bands") in r.output, r.output
     assert not os.path.exists(tmp_path / "w")
 
 
