@@ -161,6 +161,38 @@ def _fail(exc: BaseException) -> "click.ClickException":
     return click.ClickException(str(exc))
 
 
+def node_options(fn):
+    """torchrun's multi-node options, the same on ``cv`` and ``pretrain`` (docs/CLUSTER.md)."""
+    opts = [
+        click.option("--nnodes", default=1, show_default=True, type=click.IntRange(1, 1024),
+                     help="Machines in the DDP run; start the same command on each (with its --node-rank)."),
+        click.option("--node-rank", default=0, show_default=True, type=click.IntRange(0, 1023),
+                     help="This machine's rank, 0..nnodes-1 (node 0 holds the --out lock)."),
+        click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="Rendezvous address, the same on every node (e.g. node 0's host and port 29400)."),
+        click.option("--rdzv-backend", default="c10d", show_default=True, type=click.Choice(["c10d", "static"]),
+                     help="c10d: nodes may start in any order, rank 0 lands on any node (--out must be shared); "
+                          "static: rank 0 on node rank 0."),
+        click.option("--rdzv-id", default="glacier-train", show_default=True,
+                     help="Run id, the same on every node; differ it for runs that share an endpoint."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id):
+    """The parsed node options (None on one node); a mistake is a command-line error."""
+    from training.engine.launch import Nodes
+
+    if nnodes == 1 and node_rank == 0:
+        return None
+    try:
+        return Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id).check()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nnodes/--node-rank/--rdzv-endpoint") from exc
+
+
 @click.command("cv")
 @click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False), help="YAML config (see configs/).")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Competition-layout training folder.")
@@ -187,9 +219,11 @@ def _fail(exc: BaseException) -> "click.ClickException":
 @click.option("--loader-workers", type=int, hidden=True)
 @click.option("--parent-lock", is_flag=True, hidden=True)
 @click.option("--job-queue", type=click.Path(file_okay=False), hidden=True)
+@node_options
 @click.pass_context
 def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets,
-               force_retrain, no_progress, worker_id, loader_workers, parent_lock, job_queue):
+               force_retrain, no_progress, worker_id, loader_workers, parent_lock, job_queue, nnodes, node_rank,
+               rdzv_endpoint, rdzv_backend, rdzv_id):
     """Train every fold x seed; finished members are reused, interrupted ones resume."""
     from training.config import ConfigError
     from training.runs.cv import CvError, CvRun, cv
@@ -199,7 +233,8 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
                 only_folds=tuple(only_folds), device=device, sets=tuple(sets), init_from=init_from,
                 progress=not no_progress, force_retrain=force_retrain, verbose=verbose, gpus=gpus,
                 parallel_folds=parallel_folds, worker=worker_id, loader_workers=loader_workers,
-                parent_lock=parent_lock, job_queue=job_queue)
+                parent_lock=parent_lock, job_queue=job_queue,
+                nodes=_nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id))
     try:
         cv(run, echo=lambda line: click.echo(line))
     except (CvError, ConfigError, ValueError, FileNotFoundError) as exc:
@@ -237,13 +272,16 @@ def _pretrain_rank_args(verbose, config, data, out, seed, val_patches, device, s
     help="Train again even when --out is a finished pre-training of this config, data and seed (it is kept "
          "and the run skipped otherwise).")
 @click.option("--parent-lock", is_flag=True, hidden=True)
+@node_options
 @click.pass_context
-def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress, force, parent_lock):
+def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress, force, parent_lock,
+                     nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id):
     """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
     from training.config import ConfigError
     from training.runs.pretrain import PretrainDone, check_finished, pretrain
     from training.runs.run import CvError, parse_sets
 
+    nodes = _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id)
     try:
         overrides = parse_sets(sets)
         done = check_finished(config, data, out, seed, val_patches, overrides, force)  # config errors too
@@ -253,10 +291,10 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
         click.echo(f"{out} is a finished pre-training of this config and data ({done}): kept, nothing to do "
                    "(--force trains it again)")
         return
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+    if (gpus > 1 or nodes is not None) and "WORLD_SIZE" not in os.environ:
         verbose = bool(ctx.find_root().params.get("verbose"))
         _pretrain_ddp(gpus, _pretrain_rank_args(verbose, config, data, out, seed, val_patches, device, sets,
-                                                no_progress, force), out, device)
+                                                no_progress, force), out, device, nodes)
         return
     try:
         res = pretrain(config, data, out, seed, val_patches, device, overrides, progress=not no_progress, force=force,
@@ -274,26 +312,28 @@ def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, se
                        f"(every criterion: {res['log_path']})")
 
 
-def _pretrain_ddp(gpus: int, args, out: str, device: str) -> None:
-    """The parent of the pre-training ranks: holds the run lock until every rank is gone."""
+def _pretrain_ddp(gpus: int, args, out: str, device: str, nodes=None) -> None:
+    """The parent of the pre-training ranks: holds the run lock until every rank is gone
+    (on node rank 0 of a multi-node run; the other nodes' parents only launch)."""
     from training.engine.distributed import DeviceError, check_device
     from training.engine.launch import describe_rc, run_torchrun, split_cpus
     from training.engine.runlock import LockedError, RunLock
 
     try:
         check_device(device)
-        lock = RunLock(out + ".work").acquire()
+        lock = RunLock(out + ".work").acquire() if nodes is None or nodes.first else None
     except (DeviceError, LockedError) as exc:
         raise _fail(exc) from exc
     try:
         env = dict(os.environ, OMP_NUM_THREADS=str(split_cpus(gpus, 0)["threads"]))
-        rc = run_torchrun(gpus, args, echo=lambda line: click.echo(line), env=env)
+        rc = run_torchrun(gpus, args, echo=lambda line: click.echo(line), env=env, nodes=nodes)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: every rank has stopped; re-run the same command to resume from the last epoch",
                    err=True)
         sys.exit(130)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     if rc:
         raise click.ClickException(f"the DDP pre-training run {describe_rc(rc)} (the failing rank's message is "
                                    "above); re-run the same command to resume")

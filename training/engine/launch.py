@@ -21,20 +21,66 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, TextIO
 TAIL_LINES = 40
 
 
-def torchrun_command(nproc: int, cli_args: Sequence[str]) -> List[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node=N -m training.cli ARGS``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "training.cli", *cli_args]
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine sits in a multi-node run: torchrun's ``--nnodes``, ``--node-rank``
+    and rendezvous. One node (the default) is torchrun's ``--standalone``.
+
+    With the ``c10d`` rendezvous (torchrun's recommendation: any node may start first)
+    torchrun hands out the global ranks in the order the nodes join, so rank 0 (the rank
+    that writes) may run on any node: ``--out`` must be a folder every node sees (shared
+    storage). ``static`` puts rank 0 on node rank 0."""
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: Optional[str] = None
+    rdzv_backend: str = "c10d"
+    rdzv_id: str = "glacier-train"
+
+    @property
+    def multi(self) -> bool:
+        return self.nnodes > 1
+
+    @property
+    def first(self) -> bool:
+        """Node rank 0: its launcher holds the run lock and checks the finished members."""
+        return self.node_rank == 0
+
+    def check(self) -> "Nodes":
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} is not in 0..{self.nnodes - 1} (--nnodes {self.nnodes}); "
+                             "give each machine its own rank, 0 to nnodes-1")
+        if self.rdzv_backend not in ("c10d", "static"):
+            raise ValueError(f"--rdzv-backend {self.rdzv_backend!r}: use c10d (any node may start first) or static")
+        if self.multi:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node, "
+                                 f"e.g. the first node's address and a free port such as node01:29400), got "
+                                 f"{self.rdzv_endpoint!r}")
+        return self
+
+    def torchrun_args(self) -> List[str]:
+        if not self.multi:
+            return ["--standalone"]
+        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--rdzv-backend={self.rdzv_backend}",
+                f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+
+
+def torchrun_command(nproc: int, cli_args: Sequence[str], nodes: Optional[Nodes] = None) -> List[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N -m training.cli ARGS``
+    (or the rendezvous of ``nodes`` instead of ``--standalone``)."""
+    return [sys.executable, "-m", "torch.distributed.run", *(nodes or Nodes()).torchrun_args(),
+            f"--nproc_per_node={nproc}", "-m", "training.cli", *cli_args]
 
 
 def run_torchrun(nproc: int, cli_args: Sequence[str], echo: Callable[[str], None] = print,
-                 env: Optional[Dict[str, str]] = None) -> int:
-    """Run ``glacier-train ARGS`` as ``nproc`` DDP ranks; returns torchrun's exit status.
+                 env: Optional[Dict[str, str]] = None, nodes: Optional[Nodes] = None) -> int:
+    """Run ``glacier-train ARGS`` as ``nproc`` DDP ranks on this node; returns torchrun's exit status.
 
     On Ctrl-C the interrupt is forwarded to torchrun and this waits until torchrun and every
     rank it started are gone (ranks that outlive torchrun are stopped: SIGTERM, then
     SIGKILL), then re-raises: the caller's run lock is released only after that."""
-    cmd = torchrun_command(nproc, cli_args)
+    cmd = torchrun_command(nproc, cli_args, nodes)
     echo("launching: " + " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)
     family: Dict[int, float] = {}
@@ -154,11 +200,20 @@ def worker_devices(n: int, env: Optional[Dict[str, str]] = None, device_count: O
     return ids[:n]
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (a SLURM step's or a container's
+    cpuset, ``taskset``), not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def split_cpus(n_workers: int, loader_workers: int, cpus: Optional[int] = None) -> Dict[str, int]:
     """Share the CPU cores between ``n_workers`` processes: torch threads per worker
     and data-loader workers per worker (the config's count divided, never above what the
     cores allow). Kaggle's 4 vCPUs and two workers give 2 threads and <= 1 loader worker each."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     per = max(1, cpus // max(1, n_workers))
     return {"threads": per, "loader_workers": max(0, min(loader_workers // max(1, n_workers), per - 1))}
 

@@ -64,10 +64,10 @@ def prepare(run: CvRun) -> _Prepared:
 def cv(run: CvRun, echo: Echo = echo_stdout) -> Dict[str, Any]:
     """``glacier-train cv``: in this process, as DDP ranks (``gpus``), or as fold-parallel
     workers (``parallel_folds``). Raises :class:`CvError` on anything the user must fix."""
-    if run.gpus > 1 and run.parallel_folds > 1:
-        raise CvError("--gpus and --parallel-folds cannot be combined: --gpus N trains one fold at a time on N "
-                      "GPUs (DDP), --parallel-folds N trains N folds at once on one GPU each; pick one")
-    if (run.gpus > 1 and "WORLD_SIZE" not in os.environ) or run.parallel_folds > 1:
+    if run.world > 1 and run.parallel_folds > 1:
+        raise CvError("--gpus/--nnodes and --parallel-folds cannot be combined: --gpus N trains one fold at a time "
+                      "on N GPUs (DDP), --parallel-folds N trains N folds at once on one GPU each; pick one")
+    if (run.world > 1 and "WORLD_SIZE" not in os.environ) or run.parallel_folds > 1:
         return _launch(run, echo)
     return run_cv(run, echo=echo)
 
@@ -95,12 +95,16 @@ def _launch(run: CvRun, echo: Echo) -> Dict[str, Any]:
     prep = prepare(run)
     check_device(run.device)
     devices = worker_devices(run.parallel_folds) if run.parallel_folds > 1 else []
+    if run.nodes is not None and not run.nodes.first:
+        # another node's launcher holds the lock and checks the members; the ranks re-check
+        # (node 0's launcher resolves --force-retrain before its ranks can join the rendezvous)
+        return _launch_ddp(replace(run, force_retrain=False, parent_lock=True), prep, echo)
     lock = _take_lock(run, echo)
     try:
         RunDir(run.out).clean_temps()
         resolve_members(run.out, prep.folds, run.folds_path, prep.cfg.model_dump(), run.force_retrain, echo)
         child = replace(run, force_retrain=False, parent_lock=True)
-        if run.gpus > 1:
+        if run.world > 1:
             return _launch_ddp(child, prep, echo)
         return _launch_folds(child, prep, devices, echo)
     finally:
@@ -121,8 +125,8 @@ def _launch_ddp(child: CvRun, prep: _Prepared, echo: Echo) -> Dict[str, Any]:
     from training.engine.launch import describe_rc, run_torchrun, split_cpus
 
     cpu = split_cpus(child.gpus, prep.cfg.train.num_workers)
-    args = replace(child, gpus=1, loader_workers=cpu["loader_workers"]).cli_args()
-    rc = run_torchrun(child.gpus, args, echo, env=_child_env(cpu["threads"]))
+    args = replace(child, gpus=1, nodes=None, loader_workers=cpu["loader_workers"]).cli_args()
+    rc = run_torchrun(child.gpus, args, echo, env=_child_env(cpu["threads"]), nodes=child.nodes)
     if rc != 0:
         raise CvError(f"the DDP run {describe_rc(rc)} (the failing rank's message is above); finished members are "
                       "kept: fix the cause and re-run the same command to resume")

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from training.engine.launch import Nodes
+
 Echo = Callable[[str], None]
 
 
@@ -39,7 +41,13 @@ class CvRun:
     loader_workers: Optional[int] = None  # data-loader workers per process (children only)
     parent_lock: bool = False             # the launching process holds the --out lock
     job_queue: Optional[str] = None       # fold-parallel workers take (fold, seed) jobs from here (children only)
+    nodes: Optional[Nodes] = None         # multi-node torchrun (launchers only: ranks read torchrun's environment)
     extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        """DDP ranks over all nodes (``gpus`` per node)."""
+        return self.gpus * (self.nodes.nnodes if self.nodes else 1)
 
     def cli_args(self) -> List[str]:
         """``glacier-train`` arguments that reproduce this run in a child process."""

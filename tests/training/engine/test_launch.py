@@ -1,6 +1,7 @@
 """Processes around training: worker devices from CUDA_VISIBLE_DEVICES, the CPU split between
 workers, a killed worker reported with its log tail."""
 import os
+import shutil
 import signal
 import sys
 
@@ -109,3 +110,13 @@ def test_launcher_interrupt_stops_torchrun_and_ranks_that_outlive_it(tmp_path, m
     stop_process_tree(proc, family)
     assert proc.poll() is not None and _alive(family) == []
     assert time.time() - t0 < 30
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_cores_are_counted_from_the_affinity_not_the_machine():
+    """A SLURM step or a container's cpuset gives a process fewer cores than the machine has."""
+    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                        "from training.engine.launch import split_cpus, usable_cpus; print(usable_cpus(), split_cpus(1, 4))"],
+                       env=repo_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "1" and "'threads': 1" in r.stdout
