@@ -24,7 +24,7 @@ from .normalize import apply_stats, masked_pixels, tile_stats
 from .safeload import UnsafeFileError, safe_load
 from .settings import InferenceSettings
 from .tta import group_views, rescale, resolve_views, scaled_size
-from .window import blend_weight, pad_to_multiple, plan_windows
+from .window import blend_weight, pad_to_multiple, plan_blocks, plan_windows
 
 log = logging.getLogger("glacier.runtime")
 
@@ -367,23 +367,33 @@ class Predictor:
         if block <= 0 or (H <= block and W <= block):
             probs = self.refine(self.predict_proba(image, views, scales, members), image)
             return self.decide(probs, self.masked(image))
-        stride = int(self.cfg.stride)
-        margin = max(stride, int(self.cfg.window) // 8 // stride * stride)
+        margin = self.block_margin()
         ids = np.zeros((H, W), np.uint8)
         mems = self.members if members is None else members
         norms = self.tile_norms(image, mems)  # the whole tile's numbers, not each block's
         first = tile_stats(image, self.members[0].stats) if self.crf is not None else None
-        for y0 in range(0, H, block):
-            for x0 in range(0, W, block):
-                y1, x1 = min(H, y0 + block), min(W, x0 + block)
-                ya, xa, yb, xb = max(0, y0 - margin), max(0, x0 - margin), min(H, y1 + margin), min(W, x1 + margin)
-                crop = image[:, ya:yb, xa:xb]
-                probs = self.refine(self.predict_proba(crop, views, scales, members, norms), crop, first)
-                core = decide(probs, self.bias)[y0 - ya:y1 - ya, x0 - xa:x1 - xa]
-                if self.cfg.masked_background:
-                    core[masked_pixels(image[:, y0:y1, x0:x1])] = 0
-                ids[y0:y1, x0:x1] = core
+        for (y0, y1, x0, x1), (ya, yb, xa, xb) in plan_blocks(H, W, block, margin):
+            ids[y0:y1, x0:x1] = self.block_ids(image[:, ya:yb, xa:xb], (y0 - ya, y1 - ya, x0 - xa, x1 - xa), norms,
+                                               first, views, scales, members)
         return postprocess.apply(ids, self.rules, self.n_classes)
+
+    def block_margin(self) -> int:
+        """Context (pixels) around each block of a tile or scene predicted block by block."""
+        stride = int(self.cfg.stride)
+        return max(stride, int(self.cfg.window) // 8 // stride * stride)
+
+    def block_ids(self, crop: np.ndarray, core: Tuple[int, int, int, int], norms: Sequence[Mapping[str, Any]],
+                  first: Optional[Mapping[str, Any]] = None, views=None, scales=None, members=None) -> np.ndarray:
+        """Class ids (before post-processing) of the ``core`` (y0, y1, x0, x1 in ``crop``'s
+        frame) of a block cut with its context margin from a larger tile or scene. ``norms``:
+        the members' numbers of the whole tile (:meth:`tile_norms`); ``first``: the first
+        member's, for the CRF."""
+        probs = self.refine(self.predict_proba(crop, views, scales, members, norms), crop, first)
+        y0, y1, x0, x1 = core
+        ids = decide(probs, self.bias)[y0:y1, x0:x1]
+        if self.cfg.masked_background:
+            ids[masked_pixels(crop[:, y0:y1, x0:x1])] = 0
+        return ids
 
     def to_pixels(self, ids: np.ndarray) -> np.ndarray:
         return self.class_values[ids]

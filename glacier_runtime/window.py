@@ -48,3 +48,14 @@ def plan_windows(h: int, w: int, window: int, overlap: float) -> List[Tuple[int,
     """(y0, x0, wh, ww) windows over a padded (h, w) tile."""
     wh, ww = min(h, window), min(w, window)
     return [(y, x, wh, ww) for y in window_starts(h, wh, overlap) for x in window_starts(w, ww, overlap)]
+
+
+def plan_blocks(h: int, w: int, block: int, margin: int) -> List[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
+    """Blocks of a large tile or scene, row by row: ``((y0, y1, x0, x1), (ya, yb, xa, xb))``,
+    the block and the crop read around it (``margin`` pixels of context, clipped to the edges)."""
+    out = []
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            y1, x1 = min(h, y0 + block), min(w, x0 + block)
+            out.append(((y0, y1, x0, x1), (max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin))))
+    return out

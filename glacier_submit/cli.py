@@ -246,6 +246,68 @@ def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, 
     click.echo(f"\nreport: {os.path.join(out, 'report.md')} (and report.html, report.json, figures/)")
 
 
+@cli.command("map")
+@click.argument("scene_folders", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--scenes", "scene_list", type=click.Path(exists=True, dir_okay=False),
+    help="A text file of scene folders, one per line: mapped on Dask (see --workers, --scheduler).")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Built bundle folder (its model.pth).")
+@click.option("--models", multiple=True, help="Or member checkpoints (globs allowed), e.g. 'weights/*.pt'.")
+@click.option("--out", default="maps", show_default=True, type=click.Path(file_okay=False),
+    help="One folder per scene: classes.tif (COG), outlines.gpkg, quicklook.png, summary.json.")
+@click.option("--block", default=1024, show_default=True, type=click.IntRange(128, 8192),
+    help="Pixels a side predicted at once (the working memory; docs/MAPPING.md).")
+@click.option("--simplify", type=click.FloatRange(0), default=None,
+    help="Outline tolerance in metres [default: one pixel]; 0 keeps the pixel edges.")
+@click.option("--no-outlines", is_flag=True, help="Only the class raster, quick-look and summary.")
+@click.option("--tta", default=None, help="Override the stored TTA views. " + TTA_HELP)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
+    help="Local Dask workers for several scenes (one per GPU where there are GPUs).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+    help="An existing Dask scheduler (tcp://host:8786) instead of a local cluster.")
+@click.option("--retries", default=1, show_default=True, type=click.IntRange(0, 10),
+    help="Times a failed scene is tried again before it is reported.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Map again scenes that another model mapped into --out.")
+def map_command(scene_folders, scene_list, bundle, models, out, block, simplify, no_outlines, tta, workers, scheduler,
+                retries, device, backend, force):
+    """Map whole scenes (Landsat Collection 2 folders, or band files named by role) into
+    georeferenced class rasters, outlines, quick-looks and summaries."""
+    from glacier_submit.mapping.job import MapOptions, ModelSource, map_scene, summary_line
+    from glacier_submit.mapping.many import map_scenes, read_scene_list
+    from glacier_submit.mapping.scene import SceneError
+    from glacier_runtime.safeload import UnsafeFileError
+    from training.engine.checkpoint import CheckpointError
+
+    if bool(models) == bool(bundle):
+        raise click.UsageError("give either --bundle or --models")
+    scenes = list(scene_folders) + (read_scene_list(scene_list) if scene_list else [])
+    if not scenes:
+        raise click.UsageError("give scene folders, or --scenes LIST")
+    source = ModelSource(bundle=bundle, members=tuple(_expand(models)) if models else (),
+                         device=None if device == "auto" else device, backend=backend,
+                         overrides={"tta": _tta(tta)} if tta else {})
+    options = MapOptions(block=block, simplify=simplify, outlines=not no_outlines, force=force)
+    if len(scenes) == 1 and not scheduler and not scene_list:
+        try:
+            s = map_scene(scenes[0], out, source, options)
+        except (SceneError, UnsafeFileError, CheckpointError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(summary_line(s))
+        for w in s.get("warnings", []):
+            click.echo(f"warning: {w}", err=True)
+        click.echo(f"wrote {os.path.join(out, s['scene'])}")
+        return
+    report = map_scenes(scenes, out, source, options, workers=workers, scheduler=scheduler, retries=retries,
+                        echo=click.echo)
+    click.echo(f"{len(report.done)} mapped, {len(report.skipped)} done already, {len(report.failed)} failed "
+               f"(report: {os.path.join(out, 'map_report.json')})")
+    if report.failed:
+        raise click.ClickException(f"{len(report.failed)} of {len(scenes)} scene(s) failed after {retries} retr"
+                                   f"{'y' if retries == 1 else 'ies'}: " + "; ".join(f["scene"] for f in report.failed)
+                                   + ". Fix them and re-run the same command: finished scenes are skipped.")
+
+
 def main(argv=None) -> None:
     """Console entry point; ``--models weights/*`` (shell-expanded) works unquoted."""
     import sys

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from training.bands import COMPETITION_SENSOR
 from training.engine.checkpoint import load_checkpoint
 
 PAYLOAD_FORMAT = "glacier-bundle/1"
@@ -64,7 +65,8 @@ def load_members(paths: Sequence[str], notes: Optional[List[str]] = None) -> Lis
                 "fold": ck["fold"], "seed": ck["seed"], "val_mcc": ck.get("val_mcc"),
                 "train_tiles": list(ck["train_tiles"]), "val_tiles": list(ck.get("val_tiles", [])),
                 "tile_sha256": dict(ck.get("tile_sha256") or {}),
-                "bands": list(ck["bands"]), "class_map": ck["class_map"], "source": os.path.abspath(p),
+                "bands": list(ck["bands"]), "sensor": ck.get("sensor") or COMPETITION_SENSOR,
+                "class_map": ck["class_map"], "source": os.path.abspath(p),
                 "code_version": ck.get("code_version"), "sha": state_sha(ck["state_dict"]),
                 "fold_grouping": dict(ck.get("fold_grouping") or {}),
             },
@@ -74,9 +76,9 @@ def load_members(paths: Sequence[str], notes: Optional[List[str]] = None) -> Lis
                          "`glacier-train cv` (e.g. --models 'weights/fold*_seed*.pt')")
     first = entries[0]
     for e in entries[1:]:
-        if e["meta"]["bands"] != first["meta"]["bands"]:
-            raise ValueError(f"members disagree on bands: {first['name']} {first['meta']['bands']} vs "
-                             f"{e['name']} {e['meta']['bands']}")
+        if (e["meta"]["bands"], e["meta"]["sensor"]) != (first["meta"]["bands"], first["meta"]["sensor"]):
+            raise ValueError(f"members disagree on bands: {first['name']} {first['meta']['sensor']} "
+                             f"{first['meta']['bands']} vs {e['name']} {e['meta']['sensor']} {e['meta']['bands']}")
         if e["spec"]["classes"] != first["spec"]["classes"]:
             raise ValueError(f"members disagree on the class count: {first['name']} vs {e['name']}")
     return entries
@@ -89,6 +91,7 @@ def make_payload(entries: List[Dict[str, Any]], inference: Dict[str, Any]) -> Di
         "inference": inference,
         "class_map": entries[0]["meta"]["class_map"],
         "bands": entries[0]["meta"]["bands"],
+        "sensor": entries[0]["meta"].get("sensor") or COMPETITION_SENSOR,
     }
 
 

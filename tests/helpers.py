@@ -73,10 +73,11 @@ def make_tile(root: str, tid: str, h: int = 40, w: int = 44, dtype=np.float32, s
 
 def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "00_01"), val_tiles=("01_00",),
                 classes: int = 4, encoder: str = "resnet18", val_mcc: float = 0.5, tile_sha256=None,
-                normalization: str = "fold") -> str:
+                normalization: str = "fold", stats=None) -> str:
     """A tiny member checkpoint in the training format, with random weights (no training).
     ``tile_sha256`` (tile -> content fingerprint, see `fingerprints`) is recorded as training does;
-    ``normalization`` is stored in its statistics as training stores data.normalization."""
+    ``normalization`` is stored in its statistics as training stores data.normalization;
+    ``stats`` replaces the (reflectance-like) normalisation numbers."""
     from glacier_runtime.classes import class_map
     from glacier_runtime.models import build_model
     from training.engine.checkpoint import FORMAT, save_atomic
@@ -90,8 +91,12 @@ def make_member(path: str, seed: int = 0, fold: int = 0, train_tiles=("00_00", "
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
-    stats = {"bands": ["B2", "B3", "B4", "B6", "B10"], "mean": [0.15, 0.15, 0.15, 0.15, 270.0],
+    stats_default = {"bands": ["B2", "B3", "B4", "B6", "B10"], "mean": [0.15, 0.15, 0.15, 0.15, 270.0],
              "std": [0.1, 0.1, 0.1, 0.08, 10.0], "lo": [0.0, 0.0, 0.0, 0.0, 200.0], "hi": [1.0, 1.0, 1.0, 1.0, 320.0]}
+    if stats is not None:
+        stats = {"bands": ["B2", "B3", "B4", "B6", "B10"], **stats}
+    else:
+        stats = stats_default
     if normalization != "fold":
         stats.update(mode=normalization, tile_percentiles=[2.0, 98.0])
     save_atomic({"format": FORMAT, "spec": spec, "state_dict": model.state_dict(), "sensor": "L8",

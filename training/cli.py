@@ -82,6 +82,26 @@ def synth_hkh(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
     click.echo(f"wrote {counts} patches of {size}x{size}x15 to {out}")
 
 
+@cli.command("synth-scene")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the scene folder into.")
+@click.option("--size", nargs=2, type=int, default=(3072, 3072), show_default=True, help="Height and width in pixels.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--region", type=click.Choice(_REGION_NAMES), default="khumbu", show_default=True)
+@click.option("--content", type=click.Choice(["synthetic", "noise"]), default="synthetic", show_default=True,
+    help="synthetic: the generator's glaciers (as the tiles of `synth`); noise: random DNs (fast; memory tests).")
+@click.option("--date", default="20211015", show_default=True, help="Acquisition date in the scene id (YYYYMMDD).")
+def synth_scene(out: str, size: Tuple[int, int], seed: int, region: str, content: str, date: str) -> None:
+    """Write a synthetic Landsat 8 Collection 2 Level-1 scene folder (georeferenced band
+    GeoTIFFs, QA_PIXEL, MTL) for `glacier-submit map`."""
+    from training.data.landsat import scene_id, write_landsat_scene
+    from training.data.synth import REGIONS
+
+    if not (len(date) == 8 and date.isdigit()):
+        raise click.BadParameter(f"{date!r}: give the date as YYYYMMDD", param_hint="--date")
+    s = write_landsat_scene(out, size[0], size[1], seed, content, REGIONS[region], name=scene_id(date=date))
+    click.echo(f"wrote {s.folder} ({size[0]}x{size[1]} px, EPSG:32645, 30 m)")
+
+
 def _open(data: str, label_mode: str, require_labels: bool = True):
     from training.data.competition import CompetitionDataset, DataError
 

@@ -1,0 +1,206 @@
+"""Map one scene: find its bands, classify, write the outputs, all into a temporary folder
+renamed into place at the end, so a scene folder under ``--out`` is always complete.
+
+``OUT/<scene>/``: ``classes.tif`` (COG, class ids, nodata 255), ``outlines.gpkg``,
+``quicklook.png``, ``summary.json``. A scene whose folder is there and was mapped by the
+same model is skipped; one mapped by another model is refused unless ``force``.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from glacier_runtime.atomic import atomic_write_text
+
+from .scene import SceneError, find_scene
+
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A bundle folder (its model.pth) or member checkpoints, with the settings to override."""
+    bundle: Optional[str] = None
+    members: Sequence[str] = ()
+    device: Optional[str] = None
+    backend: str = "auto"
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        files = [os.path.join(self.bundle, "model.pth")] if self.bundle else sorted(self.members)
+        for p in files:
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        h.update(json.dumps(self.overrides, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+    def load(self, block: Optional[int] = None):
+        """(predictor, payload): the runtime's Predictor, as ``glacier-submit predict`` builds it;
+        with ``block``, its window is the one that holds a block and its margin (:func:`scene_window`)."""
+        from glacier_runtime.predictor import Predictor, load_payload
+        from glacier_runtime.settings import InferenceSettings
+        from glacier_submit.members import load_members, make_payload
+
+        if self.bundle:
+            payload = load_payload(os.path.join(self.bundle, "model.pth"))
+        else:
+            payload = make_payload(load_members(list(self.members)), {})
+        overrides = dict(self.overrides)
+        if block:
+            stride = InferenceSettings.from_dict({**(payload.get("inference") or {}), **overrides}).stride
+            overrides["window"] = scene_window(block, int(stride))
+        pred = Predictor.from_payload(payload, device=self.device, backend=self.backend, overrides=overrides)
+        return pred, payload
+
+
+def scene_window(block: int, stride: int = 32) -> int:
+    """The smallest window (a multiple of ``stride``) that holds a ``block`` and its context
+    margin (the predictor's ``window // 8``) in one forward pass: no overlapping windows inside
+    a block, so a pixel is computed 1.7 times, not 4 (1024 px blocks: windows of 1344)."""
+    w = -(-(block + 2 * stride) // stride) * stride  # the margin is at least one stride
+    while block + 2 * max(stride, w // 8 // stride * stride) > w:
+        w += stride
+    return w
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    block: int = 1024                 # pixels a side per block (working memory: docs/MAPPING.md)
+    simplify: Optional[float] = None  # outline tolerance in metres; None: one pixel
+    outlines: bool = True
+    quicklook_side: int = 1024
+    force: bool = False
+
+
+class SceneSkipped(Exception):
+    """The scene is mapped already (by this model)."""
+
+
+def scene_dir(out: str, name: str) -> str:
+    return os.path.join(out, name)
+
+
+def finished(out: str, scene_folder: str, fingerprint: str, force: bool) -> Optional[Dict[str, Any]]:
+    """The summary of a scene mapped already by this model (None: map it); a scene mapped
+    by another model is an error unless ``force``."""
+    name = find_scene(scene_folder).name
+    path = os.path.join(scene_dir(out, name), SUMMARY)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    if summary.get("model") == fingerprint:
+        return summary
+    if force:
+        return None
+    raise SceneError(f"{scene_dir(out, name)} was mapped by another model ({summary.get('model')}, this one is "
+                     f"{fingerprint}); map into a new --out, or pass --force to replace it")
+
+
+def map_scene(scene_folder: str, out: str, source: ModelSource, options: MapOptions = MapOptions(),
+              loaded=None, progress: bool = True) -> Dict[str, Any]:
+    """Map one scene into ``out/<scene>/``; returns its summary (``skipped: true`` when it
+    was done already). ``loaded``: a (predictor, payload) to reuse."""
+    fingerprint = source.fingerprint()
+    done = finished(out, scene_folder, fingerprint, options.force)
+    if done is not None:
+        return {**done, "skipped": True}
+    pred, payload = loaded or source.load(options.block)
+    scene = find_scene(scene_folder)
+    final = scene_dir(out, scene.name)
+    for old in glob.glob(os.path.join(glob.escape(out), f".tmp-{glob.escape(scene.name)}-*")):
+        shutil.rmtree(old, ignore_errors=True)  # left by a killed run (one task maps a scene at a time)
+    tmp = os.path.join(out, f".tmp-{scene.name}-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        summary = _map_into(scene, tmp, pred, payload, options, fingerprint, progress)
+        atomic_write_text(os.path.join(tmp, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**summary, "skipped": False}
+
+
+def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprint: str, progress: bool) -> Dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from training.bands import COMPETITION_SENSOR, get_band
+
+    from glacier_runtime.normalize import mode_of
+
+    from .classify import blocks_of, build_overviews, classify_scene, radiometry_warnings, scene_norms
+    from .outputs import rgb_bands, to_cog, write_outlines, write_quicklook
+    from .raster import SceneReader
+
+    t0 = time.perf_counter()
+    sensor = payload.get("sensor") or COMPETITION_SENSOR
+    names = list(payload["bands"])
+    chosen = scene.paths_for(sensor, names)
+    roles = [get_band(sensor, n).role for n in names]
+    class_names = list(payload.get("class_map", {}).get("names") or [])[: pred.n_classes]
+    warnings: List[str] = list(scene.notes)
+    if pred.cfg.adapt:
+        warnings.append("adapt: the bundle's test-time batch-norm adaptation is not run on scenes (it needs a pass "
+                        "over the whole scene first); the members' stored statistics are used")
+    with SceneReader([p for _, p in chosen], scene.qa_pixel, scene.cloud) as reader:
+        overview, valid = reader.overview(options.quicklook_side)
+        warnings += radiometry_warnings(pred, overview, valid, [k for k, _ in chosen], scene.level)
+        norms = scene_norms(pred, overview)
+        raw = os.path.join(folder, "classes.raw.tif")
+        bar = tqdm(total=blocks_of(reader, pred, options.block), desc=scene.name[:40], unit="block",
+                   disable=not progress, leave=False)
+        try:
+            counts = classify_scene(pred, reader, raw, norms, pred.n_classes, options.block, bar)
+        finally:
+            bar.close()
+        build_overviews(raw)
+        to_cog(raw, os.path.join(folder, "classes.tif"))
+        os.remove(raw)
+        res = abs(reader.transform.a)
+        tolerance = res if options.simplify is None else float(options.simplify)
+        outlines = (write_outlines(os.path.join(folder, "classes.tif"), os.path.join(folder, "outlines.gpkg"),
+                                   class_names, tolerance) if options.outlines else None)
+        write_quicklook(os.path.join(folder, "classes.tif"), overview, valid, rgb_bands(roles),
+                        os.path.join(folder, "quicklook.png"), pred.n_classes)
+        t = reader.transform
+        pixel_m2 = abs(t.a * t.e - t.b * t.d)
+        total = reader.height * reader.width
+        crs = reader.crs.to_string()
+        shape = [reader.height, reader.width]
+    valid_px = total - counts["nodata_pixels"]
+    classes = {name: {"pixels": n, "area_km2": n * pixel_m2 / 1e6, "share_of_valid": n / valid_px if valid_px else None}
+               for name, n in zip(class_names, counts["class_pixels"])}
+    summary = {
+        "scene": scene.name, "folder": os.path.abspath(scene.folder), "product": scene.product, "level": scene.level,
+        "sensor": scene.sensor, "bands": {k: {"file": os.path.basename(p), "role": r}
+                                          for (k, p), r in zip(chosen, roles)},
+        "crs": crs, "transform": list(t)[:6], "shape": shape, "pixel_area_m2": pixel_m2,
+        "classes": classes, "nodata_share": counts["nodata_pixels"] / total,
+        "cloud_share": (counts["cloud_pixels"] / valid_px if valid_px else None)
+        if counts["cloud_pixels"] is not None else None,
+        "cloud_source": "QA_PIXEL" if scene.qa_pixel else ("cloud.tif" if scene.cloud else None),
+        "outlines": None if outlines is None else {**outlines, "simplify_m": tolerance, "connectivity": 4},
+        "block": options.block, "blocks": counts["blocks"], "model": fingerprint,
+        "normalisation": sorted({mode_of(m.stats) for m in pred.members}),
+        "warnings": warnings, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return summary
+
+
+def summary_line(s: Dict[str, Any]) -> str:
+    if s.get("skipped"):
+        return f"{s['scene']}: mapped already by this model, skipped"
+    areas = ", ".join(f"{k} {v['area_km2']:.2f} km2" for k, v in s["classes"].items() if k != "background")
+    cloud = "cloud unknown" if s["cloud_share"] is None else f"cloud {s['cloud_share']:.1%}"
+    return f"{s['scene']}: {areas}; nodata {s['nodata_share']:.1%}, {cloud} ({s['seconds']:.0f} s)"
+

@@ -1,0 +1,95 @@
+"""One scene mapped into OUT/<scene>/: the class COG on the input's grid, the summary's counts
+against the rasters, finished scenes skipped, another model refused, a failure leaving no
+partial scene."""
+import json
+import os
+
+import numpy as np
+import pytest
+import rasterio
+
+from glacier_submit.mapping.job import MapOptions, ModelSource, map_scene
+from glacier_submit.mapping.scene import SceneError
+from training.data.landsat import write_landsat_scene
+
+from tests.glacier_submit.mapping.conftest import SIZE
+from tests.helpers import make_member
+
+
+def test_cog_on_the_scene_grid(mapped):
+    scene, _, _, folder, _ = mapped
+    with rasterio.open(os.path.join(scene.folder, f"{scene.name}_B2.TIF")) as src, \
+            rasterio.open(os.path.join(folder, "classes.tif")) as ds:
+        assert (ds.crs, ds.transform, ds.shape) == (src.crs, src.transform, src.shape)
+        assert ds.nodata == 255 and ds.dtypes[0] == "uint8"
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.overviews(1) and ds.block_shapes[0] == (512, 512)
+        assert ds.colormap(1)[1][:3] == (120, 200, 255)
+        ids = ds.read(1)
+    assert ((ids == 255) == ~scene.valid).all()  # nodata exactly where the scene has none
+
+def test_summary_counts_nodata_and_cloud(mapped):
+    scene, _, _, folder, r = mapped
+    s = json.load(open(os.path.join(folder, "summary.json")))
+    with rasterio.open(os.path.join(folder, "classes.tif")) as ds:
+        ids = ds.read(1)
+    with rasterio.open(os.path.join(scene.folder, f"{scene.name}_QA_PIXEL.TIF")) as ds:
+        qa = ds.read(1).astype(np.uint32)
+    cloud = (((qa >> 3) & 1) | ((qa >> 1) & 1)).astype(bool) & scene.valid
+    assert s["nodata_share"] == pytest.approx(1 - scene.valid.mean(), abs=1e-12)
+    assert s["cloud_share"] == pytest.approx(cloud.sum() / scene.valid.sum(), abs=1e-12) and s["cloud_share"] > 0
+    for c, name in enumerate(["background", "glacier", "debris", "lake"]):
+        assert s["classes"][name]["pixels"] == int((ids == c).sum())
+        assert s["classes"][name]["area_km2"] == pytest.approx((ids == c).sum() * 900 / 1e6)
+    assert s["crs"] == "EPSG:32645" and s["shape"] == list(SIZE) and s["bands"]["B6"]["role"] == "swir1"
+    assert not any("radiometry" in w for w in s["warnings"])  # the member's numbers are the scene's
+    assert s["scene"] in r.stdout
+    from PIL import Image
+
+    with Image.open(os.path.join(folder, "quicklook.png")) as im:
+        assert im.size[1] == 1024 and im.size[0] > 2 * 1024
+
+def test_finished_scene_is_skipped_and_another_model_refused(mapped, tmp_path):
+    scene, member, out, folder, _ = mapped
+    before = os.path.getmtime(os.path.join(folder, "classes.tif"))
+    src = ModelSource(members=(member,), device="cpu", overrides={})
+    s = map_scene(scene.folder, out, ModelSource(members=(member,), device="cpu"), MapOptions(simplify=45))
+    assert s["skipped"] and os.path.getmtime(os.path.join(folder, "classes.tif")) == before
+    other = make_member(str(tmp_path / "other.pt"), seed=5)
+    with pytest.raises(SceneError, match="mapped by another model.*--force"):
+        map_scene(scene.folder, out, ModelSource(members=(other,), device="cpu"))
+    assert src.fingerprint() != ModelSource(members=(other,)).fingerprint()
+
+def test_a_failure_leaves_no_partial_scene(tmp_path, monkeypatch):
+    import glacier_submit.mapping.outputs as outputs
+
+    scene = write_landsat_scene(str(tmp_path / "s"), 300, 400, seed=1, content="noise")
+    member = make_member(str(tmp_path / "m.pt"))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(outputs, "write_outlines", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        map_scene(scene.folder, str(tmp_path / "out"), ModelSource(members=(member,), device="cpu"), progress=False)
+    assert os.listdir(tmp_path / "out") == []
+    monkeypatch.undo()
+    s = map_scene(scene.folder, str(tmp_path / "out"), ModelSource(members=(member,), device="cpu"), progress=False)
+    assert not s["skipped"] and sorted(os.listdir(tmp_path / "out" / scene.name)) == [
+        "classes.tif", "outlines.gpkg", "quicklook.png", "summary.json"]
+
+
+def test_scene_window_holds_a_block_and_its_margin_in_one_pass():
+    """Naive oracle: the smallest multiple of the stride whose margin (window // 8, on the
+    stride) leaves room for the block, found by counting up."""
+    from glacier_submit.mapping.job import scene_window
+
+    def margin(w, s):
+        return max(s, w // 8 // s * s)
+
+    for stride in (16, 32):
+        for block in range(128, 3000, 97):
+            w = stride
+            while block + 2 * margin(w, stride) > w:
+                w += stride
+            assert scene_window(block, stride) == w, (block, stride)
