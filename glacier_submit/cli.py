@@ -273,6 +273,11 @@ def map_command(scene_folders, scene_list, bundle, models, out, block, simplify,
                 retries, device, backend, force):
     """Map whole scenes (Landsat Collection 2 folders, or band files named by role) into
     georeferenced class rasters, outlines, quick-looks and summaries."""
+    from glacier_submit.mapping.job import missing_extras
+
+    lacking = missing_extras(many=bool(scene_list or scheduler or len(scene_folders) > 1))
+    if lacking:
+        raise click.ClickException(lacking)
     from glacier_submit.mapping.job import MapOptions, ModelSource, map_scene, summary_line
     from glacier_submit.mapping.many import map_scenes, read_scene_list
     from glacier_submit.mapping.scene import SceneError
@@ -281,7 +286,10 @@ def map_command(scene_folders, scene_list, bundle, models, out, block, simplify,
 
     if bool(models) == bool(bundle):
         raise click.UsageError("give either --bundle or --models")
-    scenes = list(scene_folders) + (read_scene_list(scene_list) if scene_list else [])
+    try:
+        scenes = list(scene_folders) + (read_scene_list(scene_list) if scene_list else [])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scenes") from exc
     if not scenes:
         raise click.UsageError("give scene folders, or --scenes LIST")
     source = ModelSource(bundle=bundle, members=tuple(_expand(models)) if models else (),

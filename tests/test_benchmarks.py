@@ -81,3 +81,12 @@ def test_region_shift_options_script(tmp_path):
     assert lo <= r["summary"]["lovasz_tversky"]["mean_gain"] <= hi
     vals = [m["mcc"] for m in row["single_members"]]
     assert len(vals) == 2 and abs(row["single_mean"] - sum(vals) / 2) < 1e-4
+
+
+@pytest.mark.slow
+def test_map_scenes_script(tmp_path):
+    r = _run(["benchmarks/map_scenes.py", "--sizes", "256", "512", "--scenes", "2", "--scene-size", "256",
+              "--block", "256"], tmp_path)
+    assert [m["size"] for m in r["memory"]] == [256, 512] and all(m["peak_mb"] >= m["loaded_mb"] for m in r["memory"])
+    assert set(r["throughput"]) >= {"in_process", "dask_1", "dask_2"}
+    assert r["throughput"]["in_process"]["speed_vs_in_process"] == 1.0

@@ -24,6 +24,13 @@ def _window(box: Box) -> Window:
     return Window(x0, y0, x1 - x0, y1 - y0)
 
 
+def _open(path: str):
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise SceneError(f"{path}: cannot be read as a GeoTIFF ({exc}); re-download it") from None
+
+
 class SceneReader:
     """Open band files of one grid; :meth:`read` a window as a (C, h, w) float32 array."""
 
@@ -32,10 +39,7 @@ class SceneReader:
         self.datasets = []
         try:
             for p in self.paths:
-                try:
-                    self.datasets.append(rasterio.open(p))
-                except rasterio.errors.RasterioIOError as exc:
-                    raise SceneError(f"{p}: cannot be read as a GeoTIFF ({exc}); re-download the band") from None
+                self.datasets.append(_open(p))
             ref = self.datasets[0]
             for p, ds in zip(self.paths[1:], self.datasets[1:]):
                 if (ds.width, ds.height) != (ref.width, ref.height) or ds.transform != ref.transform or ds.crs != ref.crs:
@@ -47,7 +51,7 @@ class SceneReader:
             self.cloud_kind, self.cloud_ds = None, None
             for kind, p in (("qa_pixel", qa_pixel), ("cloud", cloud)):
                 if p:
-                    ds = rasterio.open(p)
+                    ds = _open(p)
                     self.datasets.append(ds)
                     if (ds.width, ds.height) != (ref.width, ref.height):
                         raise SceneError(f"{p}: {ds.width}x{ds.height}, the bands are {ref.width}x{ref.height}")

@@ -40,3 +40,21 @@ def test_stale_temporaries_removed_at_start(setup, tmp_path):
                                    "--output", str(out)])
     assert res.exit_code == 0, res.output
     assert not [f for d in (rep, out) for f in os.listdir(d) if f.startswith(TEMP_PREFIX)]
+
+
+def test_map_usage_errors(tiny_members, tmp_path):
+    """map: exactly one of --bundle/--models, at least one scene; a folder that is no scene
+    is a one-line error naming it and what is expected."""
+    from glacier_submit.cli import cli
+
+    run = CliRunner().invoke
+    res = run(cli, ["map", str(tmp_path), "--models", tiny_members[0], "--bundle", str(tmp_path)])
+    assert res.exit_code == 2 and "either --bundle or --models" in res.output
+    res = run(cli, ["map", "--models", tiny_members[0]])
+    assert res.exit_code == 2 and "give scene folders, or --scenes LIST" in res.output
+    res = run(cli, ["map", str(tmp_path), "--models", tiny_members[0], "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1 and f"{tmp_path}: no band files found" in res.output and "blue.tif" in res.output
+    empty = tmp_path / "list.txt"
+    empty.write_text("# nothing\n")
+    res = run(cli, ["map", "--scenes", str(empty), "--models", tiny_members[0]])
+    assert res.exit_code == 2 and "lists no scenes" in res.output
