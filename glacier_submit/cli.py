@@ -292,22 +292,30 @@ def map_command(scene_folders, scene_list, bundle, models, out, block, simplify,
         raise click.BadParameter(str(exc), param_hint="--scenes") from exc
     if not scenes:
         raise click.UsageError("give scene folders, or --scenes LIST")
-    source = ModelSource(bundle=bundle, members=tuple(_expand(models)) if models else (),
+    # absolute paths: Dask workers (on other machines too) need not share this working folder
+    scenes, out = [os.path.abspath(p) for p in scenes], os.path.abspath(out)
+    source = ModelSource(bundle=os.path.abspath(bundle) if bundle else None,
+                         members=tuple(os.path.abspath(p) for p in _expand(models)) if models else (),
                          device=None if device == "auto" else device, backend=backend,
                          overrides={"tta": _tta(tta)} if tta else {})
     options = MapOptions(block=block, simplify=simplify, outlines=not no_outlines, force=force)
     if len(scenes) == 1 and not scheduler and not scene_list:
+        import rasterio
+
         try:
             s = map_scene(scenes[0], out, source, options)
-        except (SceneError, UnsafeFileError, CheckpointError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (SceneError, UnsafeFileError, CheckpointError, ValueError, OSError, rasterio.errors.RasterioError) as exc:
+            raise click.ClickException(f"{scenes[0]}: {exc}" if scenes[0] not in str(exc) else str(exc)) from exc
         click.echo(summary_line(s))
         for w in s.get("warnings", []):
             click.echo(f"warning: {w}", err=True)
         click.echo(f"wrote {os.path.join(out, s['scene'])}")
         return
-    report = map_scenes(scenes, out, source, options, workers=workers, scheduler=scheduler, retries=retries,
-                        echo=click.echo)
+    try:
+        report = map_scenes(scenes, out, source, options, workers=workers, scheduler=scheduler, retries=retries,
+                            echo=click.echo)
+    except SceneError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{len(report.done)} mapped, {len(report.skipped)} done already, {len(report.failed)} failed "
                f"(report: {os.path.join(out, 'map_report.json')})")
     if report.failed:

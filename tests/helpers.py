@@ -538,3 +538,28 @@ def kaggle_cv_cmd(synth_data, folds, out, *extra):
     """`glacier-train cv` on the CPU, 2 tiny epochs (every fold unless ``extra`` names some)."""
     return [sys.executable, "-m", "training.cli", "cv", "--config", QUICK, "--data", os.path.join(synth_data, "train"),
             "--folds", folds, "--out", out, "--device", "cpu", "--no-progress", *TINY_SETS, *extra]
+
+
+def write_band_tif(path: str, h: int = 8, w: int = 8, value: int = 1, transform=None, crs: str = "EPSG:32645") -> str:
+    """A georeferenced uint16 band GeoTIFF of one value (a scene's band file for `map` tests)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=1, dtype="uint16", crs=crs,
+                       transform=transform or from_origin(300000, 3100000, 30, 30)) as ds:
+        ds.write(np.full((h, w), value, np.uint16), 1)
+    return path
+
+
+def read_landsat_bands(scene) -> np.ndarray:
+    """A synthetic Landsat scene's five bands (training/data/landsat.py) as one (5, H, W)
+    float32 array, read with rasterio."""
+    import rasterio
+
+    from training.data.landsat import BANDS
+
+    bands = []
+    for b in BANDS:
+        with rasterio.open(os.path.join(scene.folder, f"{scene.name}_{b}.TIF")) as ds:
+            bands.append(ds.read(1).astype(np.float32))
+    return np.stack(bands)

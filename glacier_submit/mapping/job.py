@@ -7,10 +7,10 @@ same model is skipped; one mapped by another model is refused unless ``force``.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -94,15 +94,19 @@ def missing_extras(many: bool = False) -> Optional[str]:
             "(or pip install -e '.[map]' in a checkout)")
 
 
-def scene_dir(out: str, name: str) -> str:
-    return os.path.join(out, name)
+def run_fingerprint(source: ModelSource, options: MapOptions) -> str:
+    """What a mapped scene was made with: the model (files and settings) and the options
+    that change its files (block, outline tolerance, outlines on/off)."""
+    h = hashlib.sha256(source.fingerprint().encode())
+    simplify = None if options.simplify is None else float(options.simplify)
+    h.update(json.dumps([int(options.block), simplify, bool(options.outlines)]).encode())
+    return h.hexdigest()[:16]
 
 
-def finished(out: str, scene_folder: str, fingerprint: str, force: bool) -> Optional[Dict[str, Any]]:
-    """The summary of a scene mapped already by this model (None: map it); a scene mapped
-    by another model is an error unless ``force``."""
-    name = find_scene(scene_folder).name
-    path = os.path.join(scene_dir(out, name), SUMMARY)
+def finished(out: str, name: str, fingerprint: str, force: bool) -> Optional[Dict[str, Any]]:
+    """The summary of scene ``name`` mapped already with this model and options (None: map
+    it); one mapped otherwise is an error unless ``force``."""
+    path = os.path.join(out, name, SUMMARY)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -111,23 +115,34 @@ def finished(out: str, scene_folder: str, fingerprint: str, force: bool) -> Opti
         return summary
     if force:
         return None
-    raise SceneError(f"{scene_dir(out, name)} was mapped by another model ({summary.get('model')}, this one is "
-                     f"{fingerprint}); map into a new --out, or pass --force to replace it")
+    raise SceneError(f"{os.path.join(out, name)} was mapped with another model or other options (--block, --simplify, "
+                     f"--no-outlines; {summary.get('model')}, this run is {fingerprint}): map into a new --out, or pass "
+                     "--force to replace it")
+
+
+def _remove_stale_temps(out: str, name: str) -> None:
+    """Temporary folders of this scene left by a killed run (exactly ``.tmp-<name>-<pid>``;
+    one task maps a scene at a time)."""
+    pattern = re.compile(rf"^\.tmp-{re.escape(name)}-\d+$")
+    for entry in os.listdir(out):
+        if pattern.match(entry):
+            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
 
 
 def map_scene(scene_folder: str, out: str, source: ModelSource, options: MapOptions = MapOptions(),
-              loaded=None, progress: bool = True) -> Dict[str, Any]:
+              loaded=None, progress: bool = True, fingerprint: Optional[str] = None) -> Dict[str, Any]:
     """Map one scene into ``out/<scene>/``; returns its summary (``skipped: true`` when it
-    was done already). ``loaded``: a (predictor, payload) to reuse."""
-    fingerprint = source.fingerprint()
-    done = finished(out, scene_folder, fingerprint, options.force)
+    was done already). ``loaded``: a (predictor, payload) to reuse; ``fingerprint``: this
+    run's :func:`run_fingerprint`, computed once for many scenes."""
+    fingerprint = fingerprint or run_fingerprint(source, options)
+    scene = find_scene(scene_folder)
+    done = finished(out, scene.name, fingerprint, options.force)
     if done is not None:
         return {**done, "skipped": True}
     pred, payload = loaded or source.load(options.block)
-    scene = find_scene(scene_folder)
-    final = scene_dir(out, scene.name)
-    for old in glob.glob(os.path.join(glob.escape(out), f".tmp-{glob.escape(scene.name)}-*")):
-        shutil.rmtree(old, ignore_errors=True)  # left by a killed run (one task maps a scene at a time)
+    final = os.path.join(out, scene.name)
+    os.makedirs(out, exist_ok=True)
+    _remove_stale_temps(out, scene.name)
     tmp = os.path.join(out, f".tmp-{scene.name}-{os.getpid()}")
     os.makedirs(tmp)
     try:
@@ -153,8 +168,8 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
     from glacier_runtime.normalize import mode_of
 
     from .classify import blocks_of, build_overviews, classify_scene, radiometry_warnings, scene_norms
-    from .outputs import rgb_bands, to_cog, write_outlines, write_quicklook
-    from .raster import SceneReader
+    from .outputs import metre_crs, rgb_bands, to_cog, write_outlines, write_quicklook
+    from .raster import SceneReader, pixel_area
 
     t0 = time.perf_counter()
     sensor = payload.get("sensor") or COMPETITION_SENSOR
@@ -187,12 +202,13 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
         write_quicklook(os.path.join(folder, "classes.tif"), overview, valid, rgb_bands(roles),
                         os.path.join(folder, "quicklook.png"), pred.n_classes)
         t = reader.transform
-        pixel_m2 = abs(t.a * t.e - t.b * t.d)
+        pixel_m2 = pixel_area(t) if metre_crs(reader.crs) else None
         total = reader.height * reader.width
         crs = reader.crs.to_string()
         shape = [reader.height, reader.width]
     valid_px = total - counts["nodata_pixels"]
-    classes = {name: {"pixels": n, "area_km2": n * pixel_m2 / 1e6, "share_of_valid": n / valid_px if valid_px else None}
+    classes = {name: {"pixels": n, "area_km2": None if pixel_m2 is None else n * pixel_m2 / 1e6,
+                      "share_of_valid": n / valid_px if valid_px else None}
                for name, n in zip(class_names, counts["class_pixels"])}
     summary = {
         "scene": scene.name, "folder": os.path.abspath(scene.folder), "product": scene.product, "level": scene.level,
@@ -214,7 +230,8 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
 def summary_line(s: Dict[str, Any]) -> str:
     if s.get("skipped"):
         return f"{s['scene']}: mapped already by this model, skipped"
-    areas = ", ".join(f"{k} {v['area_km2']:.2f} km2" for k, v in s["classes"].items() if k != "background")
+    areas = ", ".join(f"{k} {v['area_km2']:.2f} km2" if v["area_km2"] is not None else f"{k} {v['pixels']} px"
+                      for k, v in s["classes"].items() if k != "background")
     cloud = "cloud unknown" if s["cloud_share"] is None else f"cloud {s['cloud_share']:.1%}"
     return f"{s['scene']}: {areas}; nodata {s['nodata_share']:.1%}, {cloud} ({s['seconds']:.0f} s)"
 

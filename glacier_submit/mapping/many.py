@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from glacier_runtime.atomic import atomic_write_text
 
-from .job import MapOptions, ModelSource, map_scene, summary_line
+from .job import MapOptions, ModelSource, map_scene, run_fingerprint, summary_line
 
 REPORT = "map_report.json"
 
@@ -43,23 +43,49 @@ def read_scene_list(path: str) -> List[str]:
     return out
 
 
-def _bind_device(device: str) -> None:
-    _DEVICE["device"] = device
+class GpuPerWorker:
+    """A Dask worker plugin: worker ``i`` of a local cluster maps on ``cuda:i`` (modulo the
+    GPUs), set at each worker's start, so a worker the nanny restarts keeps its GPU."""
+    name = "glacier-gpu-per-worker"
+
+    def __init__(self, gpus: int):
+        self.gpus = gpus
+
+    def setup(self, worker) -> None:
+        try:
+            index = int(worker.name)
+        except (TypeError, ValueError):
+            index = abs(hash(worker.name))
+        _DEVICE["device"] = f"cuda:{index % self.gpus}"
 
 
-def map_task(scene: str, out: str, source: ModelSource, options: MapOptions, threads: Optional[int]) -> Dict[str, Any]:
+def map_task(scene: str, out: str, source: ModelSource, options: MapOptions, threads: Optional[int],
+             fingerprint: str) -> Dict[str, Any]:
     """One scene on a worker: the worker's predictor is loaded once and reused."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if _DEVICE["device"] and source.device is None:
+    if _DEVICE["device"] and source.device in (None, "cuda"):
         source = replace(source, device=_DEVICE["device"])
-    key = source.fingerprint() + str(source.device) + str(options.block)
+    key = f"{fingerprint} {source.device}"
     if key not in _LOADED:
         _LOADED.clear()
         _LOADED[key] = source.load(options.block)
-    return map_scene(scene, out, source, options, loaded=_LOADED[key], progress=False)
+    return map_scene(scene, out, source, options, loaded=_LOADED[key], progress=False, fingerprint=fingerprint)
+
+
+def check_names(scenes: Sequence[str]) -> None:
+    """Two scenes of one name would write one output folder: refused before any work."""
+    from .scene import SceneError, find_scene
+
+    seen: Dict[str, str] = {}
+    for s in scenes:
+        name = find_scene(s).name
+        if name in seen:
+            raise SceneError(f"{seen[name]} and {s} are both scene {name} (one output folder, OUT/{name}); "
+                             "list each scene once, and give role-named scene folders different names")
+        seen[name] = s
 
 
 @dataclass
@@ -91,8 +117,8 @@ def start_client(workers: int, scheduler: Optional[str], device: Optional[str]):
                            silence_logs=logging.ERROR)
     client = Client(cluster)
     if gpus:
-        for i, addr in enumerate(sorted(client.scheduler_info()["workers"])):
-            client.run(_bind_device, f"cuda:{i}", workers=[addr])
+        register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+        register(GpuPerWorker(gpus))
     return client, cluster, max(1, usable_cpus() // n), gpus
 
 
@@ -104,33 +130,38 @@ def map_scenes(scenes: Sequence[str], out: str, source: ModelSource, options: Op
     from tqdm.auto import tqdm
 
     options = options or MapOptions()
+    check_names(scenes)
+    fingerprint = run_fingerprint(source, options)  # once, not per task (it reads the model files)
     os.makedirs(out, exist_ok=True)
     client, cluster, threads, gpus = start_client(workers, scheduler, source.device)
-    report = Report()
+    report, pending = Report(), {}
     try:
         where = f"scheduler {scheduler}" if scheduler else \
             f"local Dask cluster, {len(client.scheduler_info()['workers'])} worker(s)" + (f" on {gpus} GPU(s)" if gpus else "")
         echo(f"mapping {len(scenes)} scene(s) on {where}")
-        futures = {client.submit(map_task, s, out, source, options, threads, retries=retries, pure=False,
+        pending = {client.submit(map_task, s, out, source, options, threads, fingerprint, retries=retries, pure=False,
                                  key=f"map-{i}-{os.path.basename(os.path.normpath(s))}"): s
                    for i, s in enumerate(scenes)}
-        bar = tqdm(total=len(futures), unit="scene", disable=not progress)
+        bar = tqdm(total=len(pending), unit="scene", disable=not progress)
         say = bar.write if progress else echo  # lines above the bar, not through it
-        for fut in as_completed(futures):
-            scene = futures[fut]
-            if fut.status == "error":
-                exc = fut.exception()
-                report.failed.append({"scene": scene, "error": f"{type(exc).__name__}: {exc}"})
-                say(f"FAILED {scene}: {type(exc).__name__}: {exc}")
-            else:
+        for fut in as_completed(list(pending)):
+            scene = pending.pop(fut)
+            if fut.status == "finished":
                 s = fut.result()
                 (report.skipped.append(s["scene"]) if s.get("skipped") else report.done.append(s))
                 say(summary_line(s))
+            else:  # error, or cancelled (a lost scheduler or worker)
+                exc = fut.exception() if fut.status == "error" else f"task {fut.status}"
+                why = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
+                report.failed.append({"scene": scene, "error": why})
+                say(f"FAILED {scene}: {why}")
             bar.update(1)
         bar.close()
     finally:
+        # whatever happened, the report says what was done and what was not
+        report.failed += [{"scene": s, "error": "not finished (the run stopped)"} for s in pending.values()]
+        atomic_write_text(os.path.join(out, REPORT), json.dumps(report.to_dict(), indent=2) + "\n")
         client.close()
         if cluster is not None:
             cluster.close()
-    atomic_write_text(os.path.join(out, REPORT), json.dumps(report.to_dict(), indent=2) + "\n")
     return report

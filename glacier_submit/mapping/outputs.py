@@ -20,6 +20,7 @@ from PIL import Image
 from rasterio.enums import Resampling
 
 from .classify import NODATA, PALETTE
+from .raster import pixel_area
 
 
 def to_cog(src: str, dst: str) -> None:
@@ -44,7 +45,7 @@ def write_outlines(classes_path: str, out_path: str, class_names: Sequence[str],
     with rasterio.open(classes_path) as ds:
         ids = ds.read(1)
         crs, transform = ds.crs, ds.transform
-    pixel_m2 = abs(transform.a * transform.e - transform.b * transform.d)
+    pixel_m2 = pixel_area(transform)
     metric = metre_crs(crs)
     geoms, cls, names, areas, pixels, perims = [], [], [], [], [], []
     keep = (ids != NODATA) & (ids != 0)

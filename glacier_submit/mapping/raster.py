@@ -24,6 +24,11 @@ def _window(box: Box) -> Window:
     return Window(x0, y0, x1 - x0, y1 - y0)
 
 
+def pixel_area(transform) -> float:
+    """A pixel's area in the CRS's units squared (rotated grids included)."""
+    return abs(transform.a * transform.e - transform.b * transform.d)
+
+
 def _open(path: str):
     try:
         return rasterio.open(path)

@@ -135,5 +135,8 @@ def _role_scene(folder: str, files: Sequence[str]) -> Scene:
         raise SceneError(f"{folder}: no band files found: expected a Landsat Collection 2 scene (e.g. "
                          "LC08_L1TP_140041_20210101_20210308_02_T1_B2.TIF) or files named by role "
                          f"({', '.join(r + '.tif' for r in ('blue', 'green', 'red', 'swir1', 'tir'))})")
-    name = os.path.basename(os.path.normpath(folder))
+    name = os.path.basename(os.path.abspath(folder))  # "." and ".." name the folder they are
+    if not name or name.startswith("."):
+        raise SceneError(f"{folder}: a scene folder of band files needs a name that does not start with '.' "
+                         "(its outputs go to OUT/<name>/); rename or move it")
     return Scene(name, folder, None, "role-named", bands, roles, cloud=cloud)

@@ -7,22 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-import rasterio
 
-from training.data.landsat import BANDS, write_landsat_scene
+from training.data.landsat import write_landsat_scene
 
-from tests.helpers import make_member, repo_env
+from tests.helpers import make_member, read_landsat_bands, repo_env
 
+#: the mapped scene's size (tests read it from the summary)
 SIZE = (2048, 2048)
-
-
-def read_scene(scene):
-    """The scene's five bands as one (5, H, W) float32 array, read with rasterio."""
-    bands = []
-    for b in BANDS:
-        with rasterio.open(os.path.join(scene.folder, f"{scene.name}_{b}.TIF")) as ds:
-            bands.append(ds.read(1).astype(np.float32))
-    return np.stack(bands)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +21,7 @@ def mapped(tmp_path_factory):
     root = tmp_path_factory.mktemp("map")
     scene = write_landsat_scene(str(root / "scenes"), *SIZE, seed=3)
     # statistics of the scene's own DNs, so the random member's classes vary with the pixels
-    img = read_scene(scene)[:, scene.valid]
+    img = read_landsat_bands(scene)[:, scene.valid]
     lo, hi = np.percentile(img, 1, axis=1), np.percentile(img, 99, axis=1)
     member = make_member(str(root / "fold0_seed0.pt"), stats={
         "mean": img.mean(1).tolist(), "std": (img.std(1) / 4).tolist(), "lo": lo.tolist(), "hi": hi.tolist()})

@@ -8,8 +8,7 @@ import rasterio
 from glacier_submit.mapping.job import MapOptions, ModelSource, map_scene
 from training.data.landsat import write_landsat_scene
 
-from tests.glacier_submit.mapping.conftest import read_scene
-from tests.helpers import make_member
+from tests.helpers import make_member, read_landsat_bands
 
 
 def test_classes_equal_predict_on_the_same_pixels(mapped):
@@ -21,7 +20,7 @@ def test_classes_equal_predict_on_the_same_pixels(mapped):
     scene, member, _, folder, _ = mapped
     pred = Predictor.from_payload(make_payload(load_members([member]), {}), device="cpu",
                                   overrides={"block": 1024, "window": 1344})  # map's default block and its window
-    want = pred.predict_ids(read_scene(scene))
+    want = pred.predict_ids(read_landsat_bands(scene))
     with rasterio.open(os.path.join(folder, "classes.tif")) as ds:
         got = ds.read(1)
     assert np.array_equal(got[scene.valid], want[scene.valid])

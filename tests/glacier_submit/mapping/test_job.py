@@ -13,7 +13,6 @@ from glacier_submit.mapping.job import MapOptions, ModelSource, map_scene
 from glacier_submit.mapping.scene import SceneError
 from training.data.landsat import write_landsat_scene
 
-from tests.glacier_submit.mapping.conftest import SIZE
 from tests.helpers import make_member
 
 
@@ -42,7 +41,7 @@ def test_summary_counts_nodata_and_cloud(mapped):
     for c, name in enumerate(["background", "glacier", "debris", "lake"]):
         assert s["classes"][name]["pixels"] == int((ids == c).sum())
         assert s["classes"][name]["area_km2"] == pytest.approx((ids == c).sum() * 900 / 1e6)
-    assert s["crs"] == "EPSG:32645" and s["shape"] == list(SIZE) and s["bands"]["B6"]["role"] == "swir1"
+    assert s["crs"] == "EPSG:32645" and s["shape"] == [2048, 2048] and s["bands"]["B6"]["role"] == "swir1"
     assert not any("radiometry" in w for w in s["warnings"])  # the member's numbers are the scene's
     assert s["scene"] in r.stdout
     from PIL import Image
@@ -57,8 +56,10 @@ def test_finished_scene_is_skipped_and_another_model_refused(mapped, tmp_path):
     s = map_scene(scene.folder, out, ModelSource(members=(member,), device="cpu"), MapOptions(simplify=45))
     assert s["skipped"] and os.path.getmtime(os.path.join(folder, "classes.tif")) == before
     other = make_member(str(tmp_path / "other.pt"), seed=5)
-    with pytest.raises(SceneError, match="mapped by another model.*--force"):
+    with pytest.raises(SceneError, match="mapped with another model or other options.*--force"):
         map_scene(scene.folder, out, ModelSource(members=(other,), device="cpu"))
+    with pytest.raises(SceneError, match="other options"):  # outlines at another tolerance are not "done"
+        map_scene(scene.folder, out, ModelSource(members=(member,), device="cpu"), MapOptions(simplify=10))
     assert src.fingerprint() != ModelSource(members=(other,)).fingerprint()
 
 def test_a_failure_leaves_no_partial_scene(tmp_path, monkeypatch):
@@ -147,3 +148,29 @@ def test_missing_extra_is_named_with_its_install_line(monkeypatch):
     assert missing_extras() == ("glacier-submit map needs shapely: pip install 'glacier-submit[map]' (or pip install -e "
                                 "'.[map]' in a checkout)")
     assert "shapely, distributed" in missing_extras(many=True)
+
+
+def test_stale_temporaries_of_this_scene_only_are_removed(tmp_path):
+    from glacier_submit.mapping.job import _remove_stale_temps
+
+    for name in (".tmp-site-123", ".tmp-site-2-456", ".tmp-site-x", "site"):
+        (tmp_path / name).mkdir()
+    _remove_stale_temps(str(tmp_path), "site")
+    assert sorted(os.listdir(tmp_path)) == [".tmp-site-2-456", ".tmp-site-x", "site"]
+
+
+def test_areas_are_left_empty_in_a_geographic_crs(tmp_path):
+    """EPSG:4326 pixels have no area in metres: area_km2 is empty, never a wrong number."""
+    from rasterio.transform import from_origin
+
+    folder = tmp_path / "geo"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for role in ("blue", "green", "red", "swir1", "tir"):
+        with rasterio.open(folder / f"{role}.tif", "w", driver="GTiff", height=96, width=96, count=1, dtype="float32",
+                           crs="EPSG:4326", transform=from_origin(86.0, 28.0, 0.0003, 0.0003)) as ds:
+            ds.write((rng.random((96, 96)) + 0.1).astype(np.float32), 1)
+    s = map_scene(str(folder), str(tmp_path / "out"), ModelSource(members=(make_member(str(tmp_path / "m.pt")),),
+                  device="cpu"), progress=False)
+    assert all(v["area_km2"] is None for v in s["classes"].values()) and s["outlines"]["areas_exact"] is False
+    assert sum(v["pixels"] for v in s["classes"].values()) == 96 * 96

@@ -43,3 +43,16 @@ def test_three_scenes_two_workers_one_corrupt(tmp_path):
     r = subprocess.run(_cmd(str(lst), member, out), env=repo_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "0 mapped, 2 done already, 1 failed" in r.stdout, r.stdout[-2000:]
     assert {n: os.path.getmtime(os.path.join(out, n, "classes.tif")) for n in done} == mtimes
+
+
+def test_two_scenes_of_one_name_are_refused_before_any_work(tmp_path):
+    import pytest
+
+    from glacier_submit.mapping.many import check_names
+    from glacier_submit.mapping.scene import SceneError
+
+    a = write_landsat_scene(str(tmp_path / "a"), 64, 64, content="noise").folder
+    b = write_landsat_scene(str(tmp_path / "b"), 64, 64, content="noise").folder
+    check_names([a])
+    with pytest.raises(SceneError, match="are both scene LC08_L1TP_140041_20211015_20211015_02_T1"):
+        check_names([a, b])

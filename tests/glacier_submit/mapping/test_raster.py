@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 from glacier_submit.mapping.raster import SceneReader
 from glacier_submit.mapping.scene import SceneError
 
-from tests.glacier_submit.mapping.test_scene import _tif
+from tests.helpers import write_band_tif as _tif
 
 
 def test_bands_off_one_grid_are_refused(tmp_path):

@@ -2,22 +2,15 @@
 member band matched by name or by role (an L8 B6 is SWIR-1, never thermal)."""
 import os
 
-import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 
 from glacier_submit.mapping.scene import SceneError, find_scene
+
+from tests.helpers import write_band_tif as _tif
 
 L8 = "LC08_L1TP_140041_20211015_20211016_02_T1"
 L7 = "LE07_L1TP_140041_20020101_20200916_02_T1"
 COMPETITION = ["B2", "B3", "B4", "B6", "B10"]
-
-
-def _tif(path, h=8, w=8, value=1, transform=None, crs="EPSG:32645"):
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=1, dtype="uint16", crs=crs,
-                       transform=transform or from_origin(300000, 3100000, 30, 30)) as ds:
-        ds.write(np.full((h, w), value, np.uint16), 1)
 
 
 def _landsat(folder, pid, bands, extra=()):
@@ -87,3 +80,19 @@ def test_role_named_files(tmp_path):
 def test_empty_folder_says_what_it_expects(tmp_path):
     with pytest.raises(SceneError, match="no band files found.*blue.tif"):
         find_scene(str(tmp_path))
+
+
+def test_dot_names_the_folder_it_is(tmp_path, monkeypatch):
+    """`map .` inside a role-named folder: the scene is named after the folder, never '.',
+    whose output folder would be OUT itself."""
+    folder = tmp_path / "valley"
+    folder.mkdir()
+    for role in ("blue", "green", "red", "swir1", "tir"):
+        _tif(str(folder / f"{role}.tif"))
+    monkeypatch.chdir(folder)
+    assert find_scene(".").name == "valley"
+    hidden = tmp_path / ".hidden"
+    hidden.mkdir()
+    _tif(str(hidden / "blue.tif"))
+    with pytest.raises(SceneError, match="does not start with '.'"):
+        find_scene(str(hidden))
