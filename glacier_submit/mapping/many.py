@@ -43,20 +43,30 @@ def read_scene_list(path: str) -> List[str]:
     return out
 
 
-class GpuPerWorker:
+def gpu_per_worker(gpus: int):
     """A Dask worker plugin: worker ``i`` of a local cluster maps on ``cuda:i`` (modulo the
-    GPUs), set at each worker's start, so a worker the nanny restarts keeps its GPU."""
-    name = "glacier-gpu-per-worker"
+    GPUs), set at each worker's start, so a worker the nanny restarts keeps its GPU. (Made
+    here: ``distributed`` is imported only when many scenes are mapped.)"""
+    from distributed.diagnostics.plugin import WorkerPlugin
 
-    def __init__(self, gpus: int):
-        self.gpus = gpus
+    class GpuPerWorker(WorkerPlugin):
+        name = "glacier-gpu-per-worker"
 
-    def setup(self, worker) -> None:
-        try:
-            index = int(worker.name)
-        except (TypeError, ValueError):
-            index = abs(hash(worker.name))
-        _DEVICE["device"] = f"cuda:{index % self.gpus}"
+        def setup(self, worker) -> None:
+            from glacier_submit.mapping import many  # the worker's module, not a pickled copy of its globals
+
+            try:
+                index = int(worker.name)
+            except (TypeError, ValueError):
+                index = abs(hash(worker.name))
+            many._DEVICE["device"] = f"cuda:{index % gpus}"
+
+    return GpuPerWorker()
+
+
+def worker_device() -> Optional[str]:
+    """The device the plugin bound on this worker (None: none bound)."""
+    return _DEVICE["device"]
 
 
 def map_task(scene: str, out: str, source: ModelSource, options: MapOptions, threads: Optional[int],
@@ -118,7 +128,7 @@ def start_client(workers: int, scheduler: Optional[str], device: Optional[str]):
     client = Client(cluster)
     if gpus:
         register = getattr(client, "register_plugin", None) or client.register_worker_plugin
-        register(GpuPerWorker(gpus))
+        register(gpu_per_worker(gpus))
     return client, cluster, max(1, usable_cpus() // n), gpus
 
 

@@ -56,3 +56,22 @@ def test_two_scenes_of_one_name_are_refused_before_any_work(tmp_path):
     check_names([a])
     with pytest.raises(SceneError, match="are both scene LC08_L1TP_140041_20211015_20211015_02_T1"):
         check_names([a, b])
+
+
+def test_each_local_worker_is_bound_to_its_gpu():
+    """The worker plugin (registered where GPUs exist) binds worker i to cuda:i modulo the GPUs;
+    checked on CPU workers, where nothing runs on the device."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    from glacier_submit.mapping.many import gpu_per_worker, worker_device
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+        register(gpu_per_worker(2))
+        got = client.run(worker_device)
+        names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+    assert sorted(got.values()) == ["cuda:0", "cuda:1"]
+    assert all(got[a] == f"cuda:{int(n) % 2}" for a, n in names.items())
