@@ -65,8 +65,9 @@ def cv(run: CvRun, echo: Echo = echo_stdout) -> Dict[str, Any]:
     """``glacier-train cv``: in this process, as DDP ranks (``gpus``), or as fold-parallel
     workers (``parallel_folds``). Raises :class:`CvError` on anything the user must fix."""
     if run.world > 1 and run.parallel_folds > 1:
-        raise CvError("--gpus/--nnodes and --parallel-folds cannot be combined: --gpus N trains one fold at a time "
-                      "on N GPUs (DDP), --parallel-folds N trains N folds at once on one GPU each; pick one")
+        raise CvError("--gpus and --parallel-folds cannot be combined (nor --nnodes and --parallel-folds): --gpus N "
+                      "trains one fold at a time on N GPUs (DDP), --parallel-folds N trains N folds at once on one GPU "
+                      "each; pick one")
     if (run.world > 1 and "WORLD_SIZE" not in os.environ) or run.parallel_folds > 1:
         return _launch(run, echo)
     return run_cv(run, echo=echo)

@@ -1,4 +1,4 @@
-"""The mapped synthetic scene shared by the mapping tests: a 2048 x 2048 Landsat 8 L1 scene
+"""The mapped synthetic scene shared by the mapping tests: a 1536 x 2048 Landsat 8 L1 scene
 (EPSG:32645, tilted footprint with fill, QA_PIXEL clouds) mapped once with `glacier-submit map`
 by a random member whose statistics are the scene's own DNs (so its classes vary)."""
 import os
@@ -13,7 +13,7 @@ from training.data.landsat import write_landsat_scene
 from tests.helpers import make_member, read_landsat_bands, repo_env
 
 #: the mapped scene's size (tests read it from the summary)
-SIZE = (2048, 2048)
+SIZE = (1536, 2048)
 
 
 @pytest.fixture(scope="session")
