@@ -10,26 +10,21 @@ the whole scene (from a decimated read), as a large tile would be normalised.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import rasterio
 
 from glacier_runtime import postprocess
-from glacier_runtime.normalize import mode_of, tile_stats
+from glacier_runtime.normalize import mode_of
 from glacier_runtime.window import plan_blocks
 
-from .raster import SceneReader
+from .raster import SceneReader, window_of
 
 #: the class raster's nodata value (class ids are 0..K-1)
 NODATA = 255
 #: colours of the class raster's palette and the quick-look (background, glacier, debris, lake)
 PALETTE = [(38, 38, 38), (120, 200, 255), (200, 130, 60), (20, 60, 230)]
-
-
-def scene_norms(predictor, overview: np.ndarray) -> List[Mapping[str, Any]]:
-    """Each member's normalisation numbers for the scene (see the module)."""
-    return [tile_stats(overview, m.stats) for m in predictor.members]
 
 
 def radiometry_warnings(predictor, overview: np.ndarray, valid: np.ndarray, band_names: List[str],
@@ -62,15 +57,19 @@ def write_profile(reader: SceneReader, block: int = 512) -> Dict[str, Any]:
             "blockxsize": block, "blockysize": block, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
 
 
-def classify_scene(predictor, reader: SceneReader, path: str, norms, n_classes: int, block: int = 1024,
+def classify_scene(predictor, reader: SceneReader, path: str, norms: Sequence[Mapping[str, Any]], block: int = 1024,
                    progress=None) -> Dict[str, Any]:
     """Write the class raster to ``path`` (GeoTIFF, uint8 class ids, :data:`NODATA` where
-    the scene has no data); returns pixel counts (per class, nodata, cloud)."""
-    margin = predictor.block_margin()
+    the scene has no data); returns pixel counts (per class, nodata, cloud). ``norms``: the
+    members' numbers for the whole scene (``predictor.tile_norms`` of its overview);
+    ``progress``: a tqdm bar, given its total here."""
+    n_classes = predictor.n_classes
     first = norms[0]  # the CRF's appearance term: the first member's numbers
     counts = np.zeros(n_classes, np.int64)
     nodata, cloud, cloud_known = 0, 0, reader.cloud_ds is not None
-    plan = plan_blocks(reader.height, reader.width, block, margin)
+    plan = plan_blocks(reader.height, reader.width, block, predictor.block_margin())
+    if progress is not None:
+        progress.reset(total=len(plan))
     with rasterio.open(path, "w", **write_profile(reader)) as dst:
         dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(PALETTE[:n_classes])})
         for (y0, y1, x0, x1), crop_box in plan:
@@ -80,7 +79,7 @@ def classify_scene(predictor, reader: SceneReader, path: str, norms, n_classes: 
             out = np.full((y1 - y0, x1 - x0), NODATA, np.uint8)
             if valid[core].any():
                 ids = predictor.block_ids(crop, (0, yb - ya, 0, xb - xa), norms, first)
-                ids = postprocess.apply(ids, predictor.rules, predictor.n_classes)
+                ids = postprocess.apply(ids, predictor.rules, n_classes)
                 keep = valid[core]
                 out[keep] = ids[core][keep]
                 counts += np.bincount(out[keep], minlength=n_classes)[:n_classes]
@@ -88,15 +87,11 @@ def classify_scene(predictor, reader: SceneReader, path: str, norms, n_classes: 
             if cloud_known:
                 c = reader.cloudy((y0, y1, x0, x1), valid[core])
                 cloud += int(c.sum())
-            dst.write(out, 1, window=rasterio.windows.Window(x0, y0, x1 - x0, y1 - y0))
+            dst.write(out, 1, window=window_of((y0, y1, x0, x1)))
             if progress is not None:
                 progress.update(1)
     return {"class_pixels": counts.tolist(), "nodata_pixels": nodata,
             "cloud_pixels": cloud if cloud_known else None, "blocks": len(plan)}
-
-
-def blocks_of(reader: SceneReader, predictor, block: int) -> int:
-    return len(plan_blocks(reader.height, reader.width, block, predictor.block_margin()))
 
 
 def build_overviews(path: str, factors: Optional[List[int]] = None) -> None:

@@ -167,7 +167,7 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
 
     from glacier_runtime.normalize import mode_of
 
-    from .classify import blocks_of, build_overviews, classify_scene, radiometry_warnings, scene_norms
+    from .classify import build_overviews, classify_scene, radiometry_warnings
     from .outputs import metre_crs, rgb_bands, to_cog, write_outlines, write_quicklook
     from .raster import SceneReader, pixel_area
 
@@ -184,12 +184,11 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
     with SceneReader([p for _, p in chosen], scene.qa_pixel, scene.cloud) as reader:
         overview, valid = reader.overview(options.quicklook_side)
         warnings += radiometry_warnings(pred, overview, valid, [k for k, _ in chosen], scene.level)
-        norms = scene_norms(pred, overview)
+        norms = pred.tile_norms(overview)  # the scene's numbers, as a large tile's
         raw = os.path.join(folder, "classes.raw.tif")
-        bar = tqdm(total=blocks_of(reader, pred, options.block), desc=scene.name[:40], unit="block",
-                   disable=not progress, leave=False)
+        bar = tqdm(desc=scene.name[:40], unit="block", disable=not progress, leave=False)
         try:
-            counts = classify_scene(pred, reader, raw, norms, pred.n_classes, options.block, bar)
+            counts = classify_scene(pred, reader, raw, norms, options.block, bar)
         finally:
             bar.close()
         build_overviews(raw)

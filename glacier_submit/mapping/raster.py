@@ -19,7 +19,8 @@ from .scene import SceneError
 Box = Tuple[int, int, int, int]  # y0, y1, x0, x1
 
 
-def _window(box: Box) -> Window:
+def window_of(box: Box) -> Window:
+    """A rasterio window of a (y0, y1, x0, x1) box."""
     y0, y1, x0, x1 = box
     return Window(x0, y0, x1 - x0, y1 - y0)
 
@@ -75,7 +76,7 @@ class SceneReader:
 
     def read(self, box: Box) -> Tuple[np.ndarray, np.ndarray]:
         """(C, h, w) float32 of the window and its (h, w) valid mask; invalid pixels 0 in every band."""
-        win = _window(box)
+        win = window_of(box)
         img = np.stack([ds.read(1, window=win).astype(np.float32, copy=False) for ds in self.bands])
         return self._clean(img)
 
@@ -92,7 +93,7 @@ class SceneReader:
         file: non-zero), or None when the scene has no cloud information."""
         if self.cloud_ds is None:
             return None
-        q = self.cloud_ds.read(1, window=_window(box))
+        q = self.cloud_ds.read(1, window=window_of(box))
         if self.cloud_kind == "qa_pixel":
             q = q.astype(np.uint32)
             return (((q >> 3) & 1) | ((q >> 1) & 1)).astype(bool) & valid
