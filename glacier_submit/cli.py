@@ -257,7 +257,8 @@ def evaluate(bundle, data, fold, folds, tiles, convention, timeout, allow_leak, 
 @click.option("--block", default=1024, show_default=True, type=click.IntRange(128, 8192),
     help="Pixels a side predicted at once (the working memory; docs/MAPPING.md).")
 @click.option("--simplify", type=click.FloatRange(0), default=None,
-    help="Outline tolerance in metres [default: one pixel]; 0 keeps the pixel edges.")
+    help="Outline tolerance in metres [default: one pixel]: neighbouring bodies are simplified together and keep "
+         "shared boundaries; 0 keeps the pixel edges.")
 @click.option("--no-outlines", is_flag=True, help="Only the class raster, quick-look and summary.")
 @click.option("--tta", default=None, help="Override the stored TTA views. " + TTA_HELP)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),

@@ -90,3 +90,9 @@ def test_map_scenes_script(tmp_path):
     assert [m["size"] for m in r["memory"]] == [256, 512] and all(m["peak_mb"] >= m["loaded_mb"] for m in r["memory"])
     assert set(r["throughput"]) >= {"in_process", "dask_1", "dask_2"}
     assert r["throughput"]["in_process"]["speed_vs_in_process"] == 1.0
+
+
+def test_outline_simplify_benchmark(tmp_path):
+    r = _run(["benchmarks/outline_simplify.py", "--size", "120", "--sigmas", "3", "--tolerances", "30"], tmp_path)
+    row = r["rows"][0]
+    assert row["bodies"] > 5 and row["coverage"]["overlap_m2"] == 0 and row["douglas_peucker"]["overlap_m2"] > 0

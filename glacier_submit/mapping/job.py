@@ -168,7 +168,7 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
     from glacier_runtime.normalize import mode_of
 
     from .classify import build_overviews, classify_scene, radiometry_warnings
-    from .outputs import metre_crs, rgb_bands, to_cog, write_outlines, write_quicklook
+    from .outputs import COVERAGE_MAX_VERTICES, metre_crs, rgb_bands, to_cog, write_outlines, write_quicklook
     from .raster import SceneReader, pixel_area
 
     t0 = time.perf_counter()
@@ -198,6 +198,10 @@ def _map_into(scene, folder: str, pred, payload, options: MapOptions, fingerprin
         tolerance = res if options.simplify is None else float(options.simplify)
         outlines = (write_outlines(os.path.join(folder, "classes.tif"), os.path.join(folder, "outlines.gpkg"),
                                    class_names, tolerance) if options.outlines else None)
+        if outlines and outlines["simplification"] == "douglas_peucker":
+            warnings.append(f"outlines: over {COVERAGE_MAX_VERTICES:,} vertices, so each polygon was simplified alone "
+                            "(Douglas-Peucker): neighbouring bodies may overlap along their shared edges; --simplify 0 "
+                            "keeps the pixel edges, which neighbours share exactly")
         write_quicklook(os.path.join(folder, "classes.tif"), overview, valid, rgb_bands(roles),
                         os.path.join(folder, "quicklook.png"), pred.n_classes)
         t = reader.transform

@@ -81,6 +81,17 @@ def test_a_failure_leaves_no_partial_scene(tmp_path, monkeypatch):
         "classes.tif", "outlines.gpkg", "quicklook.png", "summary.json"]
 
 
+def test_outlines_over_the_vertex_budget_are_simplified_alone_with_a_warning(tmp_path, monkeypatch):
+    import glacier_submit.mapping.outputs as outputs
+
+    scene = write_landsat_scene(str(tmp_path / "s"), 300, 400, seed=1, content="noise")
+    member = make_member(str(tmp_path / "m.pt"))
+    monkeypatch.setattr(outputs, "COVERAGE_MAX_VERTICES", 1)
+    s = map_scene(scene.folder, str(tmp_path / "out"), ModelSource(members=(member,), device="cpu"), progress=False)
+    assert sum(s["outlines"]["polygons"].values()) > 0
+    assert s["outlines"]["simplification"] == "douglas_peucker"
+    assert any(w.startswith("outlines: over 1 vertices") and "--simplify 0" in w for w in s["warnings"])
+
 def test_scene_window_holds_a_block_and_its_margin_in_one_pass():
     """Naive oracle: the smallest multiple of the stride whose margin (window // 8, on the
     stride) leaves room for the block, found by counting up."""
