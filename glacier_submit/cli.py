@@ -170,9 +170,9 @@ def export(models, out, fp16):
 def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, bias, backend, device):
     """Predict masks with members or a bundle (the same runtime the bundle ships)."""
     from glacier_submit.postprocessing import load_postprocess
-    from glacier_submit.members import load_members, make_payload
+    from glacier_submit.members import payload_of
     from glacier_runtime.entry import predict_folder
-    from glacier_runtime.predictor import Predictor, load_payload
+    from glacier_runtime.predictor import Predictor
 
     if bool(models) == bool(bundle):
         raise click.UsageError("give either --models or --bundle")
@@ -192,10 +192,7 @@ def predict(models, bundle, input_dir, output, tta, scales, merge, postprocess, 
     from training.engine.checkpoint import CheckpointError
 
     try:
-        if bundle:
-            payload = load_payload(os.path.join(bundle, "model.pth"))
-        else:
-            payload = make_payload(load_members(_expand(models)), {})
+        payload = payload_of(bundle, _expand(models) if models else ())
     except (UnsafeFileError, CheckpointError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     dev = None if device == "auto" else device

@@ -95,6 +95,15 @@ def make_payload(entries: List[Dict[str, Any]], inference: Dict[str, Any]) -> Di
     }
 
 
+def payload_of(bundle: Optional[str] = None, members: Sequence[str] = ()) -> Dict[str, Any]:
+    """What a predictor is built from: a bundle folder's ``model.pth``, or a payload made of
+    member checkpoints with no stored inference settings (``predict`` and ``map`` share it)."""
+    from glacier_runtime.predictor import load_payload
+
+    if bundle:
+        return load_payload(os.path.join(bundle, "model.pth"))
+    return make_payload(load_members(list(members)), {})
+
 def cast_payload(payload: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
     """A copy whose floating-point weights are stored as ``dtype`` (fp16 halves the size)."""
     out = dict(payload)

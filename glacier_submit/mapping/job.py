@@ -47,14 +47,11 @@ class ModelSource:
     def load(self, block: Optional[int] = None):
         """(predictor, payload): the runtime's Predictor, as ``glacier-submit predict`` builds it;
         with ``block``, its window is the one that holds a block and its margin (:func:`scene_window`)."""
-        from glacier_runtime.predictor import Predictor, load_payload
+        from glacier_runtime.predictor import Predictor
         from glacier_runtime.settings import InferenceSettings
-        from glacier_submit.members import load_members, make_payload
+        from glacier_submit.members import payload_of
 
-        if self.bundle:
-            payload = load_payload(os.path.join(self.bundle, "model.pth"))
-        else:
-            payload = make_payload(load_members(list(self.members)), {})
+        payload = payload_of(self.bundle, self.members)
         overrides = dict(self.overrides)
         if block:
             stride = InferenceSettings.from_dict({**(payload.get("inference") or {}), **overrides}).stride

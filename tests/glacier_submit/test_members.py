@@ -62,3 +62,18 @@ def test_pretrain_checkpoint_in_glob_is_skipped_with_note(tiny_members, tmp_path
     assert "hkh.pt" in r.output
     with pytest.raises(ValueError, match="only pre-training checkpoints"):
         build([hkh], str(tmp_path / "c"), check_size=SMALL)
+
+
+def test_payload_of_members_and_of_a_bundle(tiny_members, bundle):
+    """Oracle: torch.load of the files themselves (the members' weights, the bundle's model.pth)."""
+    from glacier_submit.members import payload_of
+
+    p = payload_of(members=tiny_members)
+    assert p["inference"] == {} and len(p["members"]) == 2 and p["bands"] == ["B2", "B3", "B4", "B6", "B10"]
+    for entry, path in zip(p["members"], tiny_members):
+        raw = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.equal(entry["state_dict"][k], v) for k, v in raw.items())
+    folder, _ = bundle
+    stored = torch.load(os.path.join(folder, "model.pth"), map_location="cpu", weights_only=False)
+    got = payload_of(bundle=folder)
+    assert got["inference"] == stored["inference"] and len(got["members"]) == len(stored["members"])
