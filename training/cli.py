@@ -195,20 +195,23 @@ def node_options(fn):
                           "static: rank 0 on node rank 0."),
         click.option("--rdzv-id", default="glacier-train", show_default=True,
                      help="Run id, the same on every node; differ it for runs that share an endpoint."),
+        click.option("--rdzv-timeout", default=None, type=click.IntRange(1), metavar="SECONDS",
+                     help="How long a node waits for the others before it gives up (e.g. when node 0 refused "
+                          "to start) [default: torchrun's 600].")
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id):
+def _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout):
     """The parsed node options (None on one node); a mistake is a command-line error."""
     from training.engine.launch import Nodes
 
     if nnodes == 1 and node_rank == 0:
         return None
     try:
-        return Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id).check()
+        return Nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout).check()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--nnodes/--node-rank/--rdzv-endpoint") from exc
 
@@ -243,7 +246,7 @@ def _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id):
 @click.pass_context
 def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gpus, parallel_folds, init_from, sets,
                force_retrain, no_progress, worker_id, loader_workers, parent_lock, job_queue, nnodes, node_rank,
-               rdzv_endpoint, rdzv_backend, rdzv_id):
+               rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout):
     """Train every fold x seed; finished members are reused, interrupted ones resume."""
     from training.config import ConfigError
     from training.runs.cv import CvError, CvRun, cv
@@ -254,7 +257,7 @@ def cv_command(ctx, config, data, folds_path, seeds, out, only_folds, device, gp
                 progress=not no_progress, force_retrain=force_retrain, verbose=verbose, gpus=gpus,
                 parallel_folds=parallel_folds, worker=worker_id, loader_workers=loader_workers,
                 parent_lock=parent_lock, job_queue=job_queue,
-                nodes=_nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id))
+                nodes=_nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout))
     try:
         cv(run, echo=lambda line: click.echo(line))
     except (CvError, ConfigError, ValueError, FileNotFoundError) as exc:
@@ -295,13 +298,13 @@ def _pretrain_rank_args(verbose, config, data, out, seed, val_patches, device, s
 @node_options
 @click.pass_context
 def pretrain_command(ctx, config, data, out, seed, val_patches, device, gpus, sets, no_progress, force, parent_lock,
-                     nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id):
+                     nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout):
     """Pre-train on HKH Glacier Mapping patches, bands matched to the competition's by role."""
     from training.config import ConfigError
     from training.runs.pretrain import PretrainDone, check_finished, pretrain
     from training.runs.run import CvError, parse_sets
 
-    nodes = _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id)
+    nodes = _nodes(nnodes, node_rank, rdzv_endpoint, rdzv_backend, rdzv_id, rdzv_timeout)
     try:
         overrides = parse_sets(sets)
         done = check_finished(config, data, out, seed, val_patches, overrides, force)  # config errors too

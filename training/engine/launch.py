@@ -35,6 +35,8 @@ class Nodes:
     rdzv_endpoint: Optional[str] = None
     rdzv_backend: str = "c10d"
     rdzv_id: str = "glacier-train"
+    #: seconds a node waits for the others at the rendezvous; None: torchrun's default (600)
+    rdzv_timeout: Optional[int] = None
 
     @property
     def multi(self) -> bool:
@@ -51,6 +53,8 @@ class Nodes:
                              "give each machine its own rank, 0 to nnodes-1")
         if self.rdzv_backend not in ("c10d", "static"):
             raise ValueError(f"--rdzv-backend {self.rdzv_backend!r}: use c10d (any node may start first) or static")
+        if self.rdzv_timeout is not None and self.rdzv_timeout < 1:
+            raise ValueError(f"--rdzv-timeout {self.rdzv_timeout}: give the seconds a node waits for the others (>= 1)")
         if self.multi:
             host, _, port = (self.rdzv_endpoint or "").rpartition(":")
             if not host or not port.isdigit():
@@ -62,8 +66,12 @@ class Nodes:
     def torchrun_args(self) -> List[str]:
         if not self.multi:
             return ["--standalone"]
-        return [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--rdzv-backend={self.rdzv_backend}",
+        args = [f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}", f"--rdzv-backend={self.rdzv_backend}",
                 f"--rdzv-endpoint={self.rdzv_endpoint}", f"--rdzv-id={self.rdzv_id}"]
+        if self.rdzv_timeout is not None:  # torch's names: c10d's join_timeout, static's timeout
+            key = "join_timeout" if self.rdzv_backend == "c10d" else "timeout"
+            args.append(f"--rdzv-conf={key}={self.rdzv_timeout}")
+        return args
 
 
 def torchrun_command(nproc: int, cli_args: Sequence[str], nodes: Optional[Nodes] = None) -> List[str]:

@@ -31,11 +31,32 @@ def test_nodes_reach_torchrun():
     assert cmd.index("--nproc_per_node=1") < cmd.index("training.cli")
 
 
+@pytest.mark.parametrize("backend, key", [("c10d", "join_timeout"), ("static", "timeout")])
+def test_rendezvous_timeout_reaches_torchrun_under_each_backends_key(backend, key):
+    """torchrun reads c10d's wait as ``join_timeout`` and static's as ``timeout`` (torch's
+    dynamic_rendezvous / static_tcp_rendezvous); no option keeps torchrun's own default."""
+    cmd = torchrun_command(1, ["cv"], Nodes(2, 0, "h:1", backend, rdzv_timeout=45).check())
+    assert f"--rdzv-conf={key}=45" in cmd
+    assert not any(a.startswith("--rdzv-conf") for a in torchrun_command(1, ["cv"], Nodes(2, 0, "h:1").check()))
+
+
+def test_a_node_alone_gives_up_after_the_rendezvous_timeout():
+    """Node 0 of two, the other never comes: with --rdzv-timeout 5 torchrun fails within
+    seconds, not after its default 600 s (the subprocess limit would end this test)."""
+    port = _free_port()
+    cmd = torchrun_command(1, ["--help"], Nodes(2, 0, f"127.0.0.1:{port}", "c10d", "alone", rdzv_timeout=5).check())
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Rendezvous" in r.stderr + r.stdout, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 90
+
+
 @pytest.mark.parametrize("nodes, words", [
     (Nodes(2, 0, None), "--rdzv-endpoint HOST:PORT"),
     (Nodes(2, 0, "node01"), "got 'node01'"),
     (Nodes(2, 2, "h:1"), "--node-rank 2 is not in 0..1"),
     (Nodes(2, 0, "h:1", "etcd"), "--rdzv-backend 'etcd'"),
+    (Nodes(2, 0, "h:1", rdzv_timeout=0), "--rdzv-timeout 0"),
 ])
 def test_node_mistakes_are_named(nodes, words):
     with pytest.raises(ValueError, match=words.replace("..", r"\.\.").replace("(", r"\(")):
