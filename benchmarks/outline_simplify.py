@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import write_result
 from _rss import PeakSampler
-from glacier_submit.mapping.outputs import simplify_coverage
+from glacier_submit.mapping.outputs import simplify_coverage, trace_bodies
 
 PIXEL = 30.0
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -46,13 +46,9 @@ def class_map(size: int, seed: int, sigma: float) -> np.ndarray:
 
 
 def bodies(ids: np.ndarray) -> np.ndarray:
-    import rasterio.features
-    import shapely
     from rasterio.transform import from_origin
 
-    t = from_origin(500000, 4000000, PIXEL, PIXEL)
-    return np.asarray([shapely.geometry.shape(g) for g, _ in
-                       rasterio.features.shapes(ids, mask=ids > 0, connectivity=4, transform=t)], dtype=object)
+    return trace_bodies(ids, from_origin(500000, 4000000, PIXEL, PIXEL))[0]
 
 
 def overlap(polys: np.ndarray) -> float:

@@ -104,6 +104,7 @@ def payload_of(bundle: Optional[str] = None, members: Sequence[str] = ()) -> Dic
         return load_payload(os.path.join(bundle, "model.pth"))
     return make_payload(load_members(list(members)), {})
 
+
 def cast_payload(payload: Dict[str, Any], dtype: torch.dtype) -> Dict[str, Any]:
     """A copy whose floating-point weights are stored as ``dtype`` (fp16 halves the size)."""
     out = dict(payload)

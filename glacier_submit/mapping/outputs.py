@@ -50,13 +50,8 @@ def write_outlines(classes_path: str, out_path: str, class_names: Sequence[str],
         ids = ds.read(1)
         crs, transform = ds.crs, ds.transform
     metric = metre_crs(crs)
-    keep = (ids != NODATA) & (ids != 0)
-    bodies, values = [], []
-    for geom, value in rasterio.features.shapes(ids, mask=keep, connectivity=4, transform=transform):
-        bodies.append(shapely.geometry.shape(geom))
-        values.append(int(value))
-    del ids, keep
-    exact, cls = np.asarray(bodies, dtype=object), np.asarray(values, np.int32)
+    exact, cls = trace_bodies(ids, transform)
+    del ids
     simple, method = simplify_coverage(exact, tolerance, pixel_edge(transform))
     area = shapely.area(exact)
     names = np.asarray([class_names[c] for c in cls], object)
@@ -71,6 +66,19 @@ def write_outlines(classes_path: str, out_path: str, class_names: Sequence[str],
     for c in cls:
         counts[class_names[int(c)]] += 1
     return {"polygons": counts, "areas_exact": metric, "simplification": method}
+
+
+def trace_bodies(ids: np.ndarray, transform) -> Tuple[np.ndarray, np.ndarray]:
+    """(polygons, class ids): every 4-connected body of a class raster but background and
+    nodata, traced along its pixel edges (GDAL's polygonize, through rasterio)."""
+    import shapely
+
+    bodies, values = [], []
+    keep = (ids != NODATA) & (ids != 0)
+    for geom, value in rasterio.features.shapes(ids, mask=keep, connectivity=4, transform=transform):
+        bodies.append(shapely.geometry.shape(geom))
+        values.append(int(value))
+    return np.asarray(bodies, dtype=object), np.asarray(values, np.int32)
 
 
 def pixel_edge(transform) -> float:

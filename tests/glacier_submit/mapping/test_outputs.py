@@ -30,13 +30,15 @@ def test_outline_areas_are_pixel_counts_times_pixel_area(mapped):
     polys = shapely.from_wkb(geoms)
     assert shapely.is_valid(polys).all() and not shapely.is_empty(polys).any()
     # simplified at 45 m: each stored outline within the stated 4 x tolerance of the exact one
-    # (scipy's label of the same body, traced to pixel edges by rasterio), and so its area within
-    # perimeter x that distance of area_km2
+    # (the same body traced to its pixel edges by rasterio, matched by class and pixel count), and
+    # so its area within perimeter x that distance of area_km2
+    with rasterio.open(os.path.join(folder, "classes.tif")) as ds:
+        transform = ds.transform
     exact = {}
     for geom, value in rasterio.features.shapes(ids, mask=(ids != 0) & (ids != 255), connectivity=4,
-                                                transform=rasterio.open(os.path.join(folder, "classes.tif")).transform):
+                                                transform=transform):
         body = shapely.geometry.shape(geom)
-        exact[(int(value), round(body.area / 900))] = exact.get((int(value), round(body.area / 900)), []) + [body]
+        exact.setdefault((int(value), round(body.area / 900)), []).append(body)
     for poly, c, n in zip(polys, cols["class_id"], cols["pixels"]):
         twins = exact[(int(c), int(n))]
         assert min(shapely.hausdorff_distance(poly, t) for t in twins) <= 4 * 45 + 1e-6
